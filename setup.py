@@ -1,0 +1,43 @@
+"""Packaging for recbook: everything is read from settings.ini, the nbdev 2 config."""
+from configparser import ConfigParser
+from setuptools import find_packages, setup
+
+config = ConfigParser(delimiters=["="])
+config.read("settings.ini", encoding="utf-8")
+cfg = config["DEFAULT"]
+
+licenses = {"apache2": "Apache-2.0"}
+statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
+license_name = licenses[cfg["license"]]
+requirements = cfg.get("requirements", "").split()
+dev_requirements = cfg.get("dev_requirements", "").split()
+bench_requirements = ["sentence-transformers"]
+
+setup(
+    name=cfg["lib_name"],
+    version=cfg["version"],
+    description=cfg["description"],
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    author=cfg["author"],
+    author_email=cfg["author_email"],
+    license=license_name,
+    url=cfg["git_url"],
+    keywords=cfg["keywords"],
+    classifiers=[
+        "Development Status :: " + statuses[int(cfg["status"]) - 1],
+        "Intended Audience :: " + cfg["audience"],
+        "Natural Language :: " + cfg["language"],
+        "Programming Language :: Python :: 3",
+    ],
+    python_requires=">=" + cfg["min_python"],
+    packages=find_packages(include=["recbook", "recbook.*"]),
+    include_package_data=True,
+    install_requires=requirements,
+    extras_require={
+        "dev": dev_requirements + bench_requirements,
+        "bench": bench_requirements,
+    },
+    entry_points={"console_scripts": cfg["console_scripts"].split(), "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    zip_safe=False,
+)

@@ -1,0 +1,114 @@
+"""Chapter 00: devices, seeds, the latency harness, model sizes and result files."""
+import json
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from recbook import core
+from recbook.core import (BenchResult, LatencyStats, ModelSize, atomic_write_text, get_device, load_results,
+                          measure_latency, model_size, pick_size, save_results, seed_everything)
+
+
+def test_device_override_and_errors(monkeypatch):
+    monkeypatch.setenv("RECBOOK_DEVICE", "cpu")
+    assert get_device() == torch.device("cpu")
+    monkeypatch.delenv("RECBOOK_DEVICE")
+    assert get_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            get_device("cuda")
+        monkeypatch.setenv("RECBOOK_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            get_device()
+
+
+def test_seed_everything_repeats_streams():
+    seed_everything(3)
+    a = torch.randn(5)
+    seed_everything(3)
+    assert torch.equal(a, torch.randn(5))
+
+
+def test_pick_size_follows_in_test(monkeypatch):
+    monkeypatch.setenv("IN_TEST", "1")
+    assert pick_size("small", "big") == "small"
+    monkeypatch.delenv("IN_TEST")
+    assert pick_size("small", "big") == "big"
+
+
+def test_measure_latency_counts_calls_and_orders_stats():
+    calls = []
+    stats = measure_latency(lambda: calls.append(time.sleep(0.002)), batch_size=4, warmup=2, repeats=6, device="cpu")
+    assert len(calls) == 8
+    assert stats.repeats == 6 and stats.batch_size == 4 and stats.device == "cpu"
+    assert 2.0 <= stats.min_ms <= stats.p50_ms <= stats.p95_ms
+    assert stats.throughput == pytest.approx(4 / (stats.p50_ms / 1e3))
+    assert stats.threads == torch.get_num_threads()
+
+
+def test_measure_latency_runs_without_autograd():
+    seen = []
+    measure_latency(lambda: seen.append(torch.is_inference_mode_enabled()), warmup=0, repeats=2, device="cpu")
+    assert seen == [True, True]
+
+
+def test_measure_latency_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="repeats"):
+        measure_latency(lambda: None, repeats=0, device="cpu")
+
+
+@given(st.lists(st.floats(0.0001, 10.0), min_size=1, max_size=50), st.integers(1, 512))
+def test_latency_stats_invariants(seconds, batch):
+    s = LatencyStats.from_samples(seconds, batch, torch.device("cpu"))
+    assert s.min_ms <= s.p50_ms <= s.p95_ms + 1e-9
+    assert s.min_ms <= s.mean_ms + 1e-9
+    assert s.std_ms >= 0
+
+
+def test_model_size_counts_parameters_buffers_and_disk():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.BatchNorm1d(20))
+    size = model_size(model)
+    params = 10 * 20 + 20 + 20 + 20
+    assert size.parameters == params
+    buffers = 20 + 20 + 1  # running mean, running var, num_batches_tracked (int64)
+    assert size.memory_bytes == params * 4 + 40 * 4 + 8
+    assert size.disk_bytes >= size.memory_bytes
+    assert size.disk_mb == size.disk_bytes / 2**20
+
+
+def test_model_size_of_dynamically_quantized_model_counts_packed_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    fp32, int8 = model_size(model), model_size(quantized)
+    assert int8.disk_bytes < fp32.disk_bytes / 2.5
+
+
+def test_results_roundtrip_and_machine(tmp_path):
+    stats = LatencyStats.from_samples([0.01, 0.02, 0.03], 8, torch.device("cpu"))
+    rows = [BenchResult("a", {"ndcg@10": 0.4}, stats, ModelSize(3, 12, 100), {"note": "x"}), BenchResult("b")]
+    path = save_results(tmp_path / "deep" / "r.json", rows, chapter="test")
+    back, rest = load_results(path)
+    assert back == rows
+    assert rest["chapter"] == "test" and rest["machine"]["device"]
+    assert json.loads(path.read_text())["results"][0]["latency"]["p50_ms"] == pytest.approx(20.0)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(core.os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+
+
+def test_data_dir_errors_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECBOOK_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="RECBOOK_DATA"):
+        core.data_dir()
