@@ -19,6 +19,7 @@ __all__ = ['BENCHMARKS', 'build_parser', 'main']
 # %% ../nbs/99_cli.ipynb #774693a8
 BENCHMARKS = {
     "objective": "recbook.objective",
+    "baseline": "recbook.model",
 }
 
 # %% ../nbs/99_cli.ipynb #fabd2143
@@ -50,3 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `recbook` console script."
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

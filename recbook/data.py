@@ -181,6 +181,7 @@ class SearchTask:
     items: pd.DataFrame            # item_id, document, item features, train_reviews, popularity
     queries: dict[str, pd.DataFrame]  # split -> query_id, query, item_id, ambiguous, item features, interaction
     item_features: list[str]
+    reviews: pd.DataFrame | None = None  # the training reviews the documents are made of: item_id, text
 
     def relevance(self, split: str, ambiguous: bool | None = False) -> torch.Tensor:
         "Graded relevance [Q, N]: 2 = the query's item, 1 = same first item feature (class), 0 = other."
@@ -255,7 +256,8 @@ def build_search_task(interactions: Interactions, min_reviews: int = 5, max_quer
         q = q.groupby(["item_id", "ambiguous"], sort=True, group_keys=False).head(cap)
         q = q[["query", "item_id", "ambiguous", *features, "interaction"]].reset_index(drop=True)
         queries[split] = q.rename_axis("query_id").reset_index()
-    return SearchTask(items=items, queries=queries, item_features=list(features))
+    return SearchTask(items=items, queries=queries, item_features=list(features),
+                      reviews=train[["interaction", "item_id", "text"]].reset_index(drop=True))
 
 # %% ../nbs/02_data.ipynb #9ba9213e
 @dataclass
