@@ -17,9 +17,10 @@ import recbook
 __all__ = ['BENCHMARKS', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #774693a8
-BENCHMARKS = {
+BENCHMARKS = {  # in reading order: `all` runs them in this order (compression needs baseline's teacher)
     "objective": "recbook.objective",
     "baseline": "recbook.model",
+    "compression": "recbook.compress",
 }
 
 # %% ../nbs/99_cli.ipynb #fabd2143
@@ -29,9 +30,14 @@ def _env(args) -> int:
     return 0
 
 def _bench(args) -> int:
-    module = importlib.import_module(BENCHMARKS[args.name])
-    path = module.bench(Path(args.out), quick=args.quick)
-    print(f"wrote {path}")
+    import inspect
+    for name in list(BENCHMARKS) if args.name == "all" else [args.name]:
+        module = importlib.import_module(BENCHMARKS[name])
+        takes_encoder = "encoder" in inspect.signature(module.bench).parameters
+        if args.encoder and not takes_encoder:
+            print(f"note: the {name} benchmark uses no encoder; --encoder is ignored for it")
+        path = module.bench(Path(args.out), quick=args.quick, **({"encoder": args.encoder} if args.encoder and takes_encoder else {}))
+        print(f"wrote {path}")
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="print the device, threads and library versions").set_defaults(run=_env)
     bench = commands.add_parser("bench", help="re-run a chapter's experiment and write its JSON")
-    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which chapter's benchmark")
+    bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which chapter's benchmark, or all in order")
+    bench.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")
     bench.add_argument("--quick", action="store_true", help="teaching size (about a minute on a laptop CPU)")
     bench.add_argument("--out", default="runs", help="output folder (default: runs)")
     bench.set_defaults(run=_bench)

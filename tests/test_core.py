@@ -112,3 +112,19 @@ def test_data_dir_errors_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("RECBOOK_DATA", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="RECBOOK_DATA"):
         core.data_dir()
+
+
+def test_autocast_is_a_no_op_on_cpu_and_half_on_cuda():
+    from recbook.core import autocast, autocast_dtype
+    assert autocast_dtype(torch.device("cpu")) is None
+    with autocast(torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    if torch.cuda.is_available():
+        assert autocast_dtype(torch.device("cuda")) in (torch.float16, torch.bfloat16)
+
+
+def test_machine_info_names_the_machine():
+    from recbook.core import machine_info
+    info = machine_info("cpu")
+    assert info["device"] == "cpu" and info["cpu_count"] >= 1 and info["torch"] == torch.__version__
+    assert {"platform", "processor", "torch_threads", "transformers", "recbook"} <= set(info)

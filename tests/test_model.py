@@ -13,18 +13,12 @@ from recbook.model import (BiEncoder, CrossEncoderScorer, contrastive_loss, hybr
                            train_bi_encoder, train_scorer, teacher_path)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_encoder()[0]
+from conftest import tiny_bert
 
 
 @pytest.fixture()
 def tiny(tokenizer):
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)
-    return BertModel(config).eval()
+    return tiny_bert(tokenizer)
 
 
 def test_default_encoder_loads_offline(tokenizer):

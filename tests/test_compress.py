@@ -1,0 +1,156 @@
+"""Chapter 04: pruning, quantization, distillation, and saving/loading compressed models."""
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from recbook.compress import (apply_head_pruning, distill_bi_encoder, drop_layers, evenly_spaced, export_onnx,
+                              head_importance, load_compressed, magnitude_prune, OnnxBiEncoder, prune_ffn, prune_heads,
+                              quantize_int8, save_compressed, sparsity_of)
+from recbook.core import model_size
+from recbook.model import BiEncoder
+
+TEXTS = ["a light summer dress with pockets", "warm wool sweater", "jeans"]
+
+
+from conftest import tiny_bert
+
+
+@pytest.fixture()
+def tiny(tokenizer):
+    return BiEncoder(tiny_bert(tokenizer, hidden=48, layers=4, heads=4, ffn=96), tokenizer, doc_max_length=64)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.8])
+def test_magnitude_prune_hits_the_sparsity_and_keeps_the_original(tiny, sparsity):
+    before = copy.deepcopy(tiny.state_dict())
+    pruned = magnitude_prune(tiny, sparsity)
+    assert sparsity_of(pruned) == pytest.approx(sparsity, abs=2e-3)
+    assert model_size(pruned).parameters == model_size(tiny).parameters
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(v, before[k])  # the input model is untouched
+    with pytest.raises(ValueError, match="sparsity"):
+        magnitude_prune(tiny, 1.0)
+
+
+def test_magnitude_prune_removes_the_smallest_weights(tiny):
+    pruned = magnitude_prune(tiny, 0.5)
+    from recbook.compress import encoder_linears
+    kept, removed = [], []
+    for (a, _), (b, _) in zip(encoder_linears(tiny), encoder_linears(pruned)):
+        kept.append(a.weight[b.weight != 0].abs()); removed.append(a.weight[b.weight == 0].abs())
+    assert torch.cat(removed).max() <= torch.cat(kept).min() + 1e-7
+
+
+@given(st.integers(1, 6), st.integers(1, 6))
+def test_evenly_spaced_layers(n, keep):
+    keep = min(keep, n)
+    layers = evenly_spaced(n, keep)
+    assert layers[-1] == n - 1 and len(layers) == keep and layers == sorted(set(layers))
+
+
+def test_drop_layers_equals_running_the_kept_layers(tiny):
+    small = drop_layers(tiny, [3])
+    assert small.encoder.config.num_hidden_layers == 1 and tiny.encoder.config.num_hidden_layers == 4
+    assert model_size(small).parameters < model_size(tiny).parameters
+    with pytest.raises(ValueError, match="subset"):
+        drop_layers(tiny, [7])
+
+
+def test_prune_ffn_keeps_the_most_important_neurons_and_matches_zeroing(tiny):
+    small = prune_ffn(tiny, 0.5)
+    assert small.encoder.config.intermediate_size == 48
+    zeroed = copy.deepcopy(tiny)
+    for big, cut in zip(zeroed.encoder.encoder.layer, small.encoder.encoder.layer):
+        w_in, w_out = big.intermediate.dense, big.output.dense
+        importance = w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0)
+        dropped = importance.argsort()[:48]
+        w_out.weight.data[:, dropped] = 0  # a removed neuron contributes nothing downstream
+    torch.testing.assert_close(small.encode(TEXTS), zeroed.encode(TEXTS), atol=1e-5, rtol=1e-4)
+
+
+def test_prune_heads_equals_zeroing_their_output(tiny):
+    kept = [[0, 2], [1, 3], [0, 1], [2, 3]]
+    removed = apply_head_pruning(copy.deepcopy(tiny), kept)
+    zeroed = copy.deepcopy(tiny)
+    size = 48 // 4
+    for layer, heads in zip(zeroed.encoder.encoder.layer, kept):
+        for h in set(range(4)) - set(heads):
+            layer.attention.output.dense.weight.data[:, h * size:(h + 1) * size] = 0
+    torch.testing.assert_close(removed.encode(TEXTS), zeroed.encode(TEXTS), atol=1e-5, rtol=1e-4)
+    assert head_importance(prune_heads(tiny, 2)).shape == (4, 2)
+    with pytest.raises(ValueError, match="keep"):
+        prune_heads(tiny, 0)
+
+
+def test_int8_is_close_and_smaller(tiny):
+    q = quantize_int8(tiny)
+    cos = (q.encode(TEXTS) * tiny.encode(TEXTS)).sum(1)
+    assert cos.min() > 0.9
+    assert model_size(q).disk_bytes < model_size(tiny).disk_bytes
+
+
+@pytest.mark.parametrize("make", ["heads", "int8", "int8+layers", "ffn", "plain"])
+def test_compressed_models_round_trip(tmp_path, tiny, make):
+    variant = {"heads": lambda m: prune_heads(m, 2), "int8": quantize_int8,
+               "int8+layers": lambda m: quantize_int8(prune_heads(drop_layers(m, [1, 3]), 3)),
+               "ffn": lambda m: prune_ffn(m, 0.25), "plain": lambda m: m}[make](tiny)
+    back = load_compressed(save_compressed(variant, tmp_path / make), device="cpu")
+    torch.testing.assert_close(back.encode(TEXTS), variant.encode(TEXTS), atol=1e-5, rtol=1e-4)
+
+
+def test_load_compressed_rejects_non_models(tmp_path):
+    with pytest.raises(ValueError, match="no recbook.json"):
+        load_compressed(tmp_path)
+
+
+def test_onnx_export_matches_torch(tmp_path, tiny):
+    exact = OnnxBiEncoder(export_onnx(tiny, tmp_path / "fp32", quantize=False))
+    torch.testing.assert_close(exact.encode(TEXTS), tiny.encode(TEXTS), atol=1e-4, rtol=1e-3)
+    int8 = OnnxBiEncoder(export_onnx(tiny, tmp_path / "int8", quantize=True))
+    assert (int8.encode(TEXTS) * tiny.encode(TEXTS)).sum(1).min() > 0.9
+    # the exported model object is left intact (transformers-5 exporter gotcha)
+    before = tiny.encode(TEXTS)
+    export_onnx(tiny, tmp_path / "again", quantize=False)
+    torch.testing.assert_close(tiny.encode(TEXTS), before)
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tiny, tokenizer):
+    teacher = tiny  # and an unrelated student: one layer, its own random weights
+    student = BiEncoder(tiny_bert(tokenizer, hidden=48, layers=1, heads=4, ffn=96, seed=1), tokenizer, doc_max_length=64)
+    queries = ["red dress", "blue jeans", "wool sweater", "swim suit"] * 4
+    docs = ["dress red summer", "jeans denim blue", "sweater wool warm", "swimsuit beach"] * 4
+    items = [0, 1, 2, 3] * 4
+
+    def gap(model):
+        with torch.no_grad():
+            t = teacher.encode(queries[:4], max_length=32) @ teacher.encode(docs[:4]).T
+            s = model.encode(queries[:4], max_length=32) @ model.encode(docs[:4]).T
+        return (torch.softmax(t / 0.05, 1) - torch.softmax(s / 0.05, 1)).abs().sum().item()
+
+    before = gap(student)
+    distill_bi_encoder(student, teacher, queries, docs, items, epochs=5, batch_size=4, lr=1e-3, alpha=1.0, progress=False)
+    assert gap(student) < before
+
+
+def test_bench_writes_the_fields_the_issue_names(tmp_path, monkeypatch):
+    """compression.json: a variants list with the agreed fields, the teacher's row and the chosen point."""
+    import recbook.compress as compress
+    from recbook.core import BenchResult, LatencyStats, ModelSize
+    cpu = torch.device("cpu")
+
+    def row(name, ms, ndcg, speedup, params):
+        return BenchResult(name, {"ndcg@10": ndcg, "retained": ndcg / 0.5}, LatencyStats.from_samples([ms / 1e3] * 3, 64, cpu),
+                           ModelSize(params, params * 4, params * 4), {"speedup": speedup, "query_latency_ms_p50": 1.0})
+
+    rows = [row("teacher (fp32)", 800, 0.5, 1.0, 1000), row("fast", 90, 0.49, 8.9, 300), row("faster", 50, 0.3, 16, 100)]
+    monkeypatch.setattr(compress, "compression_study", lambda quick, encoder=None: (rows, {"quick": quick}))
+    path = compress.bench(tmp_path, quick=True)
+    payload = json.loads(path.read_text())
+    fields = {"name", "params", "size_mb", "latency_ms_p50", "latency_ms_p95", "throughput", "ndcg@10", "retained", "speedup"}
+    assert all(fields <= set(v) for v in payload["variants"])
+    assert payload["teacher"]["name"] == "teacher (fp32)" and payload["machine"]["torch"]
+    assert payload["budget_ms"] == pytest.approx(100.0, rel=1e-6)
+    assert payload["chosen"] == "fast"  # within 800/8 ms, and better than "faster"
