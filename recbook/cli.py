@@ -60,5 +60,5 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "__file__" in globals():  # `python -m recbook.cli`, not a notebook kernel
     sys.exit(main())
