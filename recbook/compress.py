@@ -156,12 +156,10 @@ class _Exportable(nn.Module):
     "Keyword-argument wrapper: transformers-5 BertModel's positional order changed, so export by name."
     def __init__(self, model: BiEncoder):
         super().__init__()
-        self.encoder = model.encoder
+        self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        from recbook.model import mean_pool
-        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+        return self.model.embed({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids})
 
 def export_onnx(model: BiEncoder, path: str | Path, quantize: bool = True) -> Path:
     "Export the bi-encoder to ONNX (fp32), optionally quantize it with ONNX Runtime's dynamic int8; returns the folder."
