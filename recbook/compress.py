@@ -22,16 +22,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core import BenchResult, autocast, get_device, measure_latency, model_size, save_results, seed_everything
-from .data import SearchTask, build_search_task, clothing_interactions
-from .model import (BiEncoder, _optimizer, _step, contrastive_loss, ensure_teacher, read_model_config, save_model,
-                           search_report)
+from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
+from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _optimizer, _scoring_inputs, _step, contrastive_loss,
+                           ensure_teacher, read_model_config, save_model, scoring_report, search_report, train_scorer)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
 __all__ = ['COMPRESSION_SIZES', 'encoder_linears', 'magnitude_prune', 'sparsity_of', 'drop_layers', 'evenly_spaced', 'prune_ffn',
            'head_importance', 'apply_head_pruning', 'prune_heads', 'quantize_int8', 'half_precision', 'export_onnx',
            'OnnxBiEncoder', 'distill_bi_encoder', 'save_compressed', 'load_compressed', 'measure_variant',
-           'compression_study', 'compression_table', 'bench']
+           'compression_study', 'compression_table', 'measure_scorer', 'scoring_compression_study', 'scoring_table',
+           'bench']
 
 # %% ../nbs/04_compression.ipynb #fd079b60
 def encoder_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -134,15 +135,18 @@ def prune_heads(model: BiEncoder, keep: int) -> BiEncoder:
     return apply_head_pruning(copy.deepcopy(model), kept)
 
 # %% ../nbs/04_compression.ipynb #4b7fecb5
-def quantize_int8(model: BiEncoder) -> BiEncoder:
-    "A CPU copy whose encoder Linear layers are dynamically quantized to int8 (weights int8, activations per batch)."
-    from torch.ao.quantization import quantize_dynamic
+def quantize_int8(model: nn.Module, embeddings: bool = False) -> nn.Module:
+    "A CPU copy with encoder Linear layers in dynamic int8 and, if `embeddings`, embedding tables in weight-only int8."
+    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
     import warnings
     small = copy.deepcopy(model).to("cpu").eval()
+    spec = {nn.Linear: default_dynamic_qconfig}
+    if embeddings:
+        spec[nn.Embedding] = float_qparams_weight_only_qconfig  # per-row scale and offset, 8-bit codes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices; the rationale is in the text above
-        small.encoder = quantize_dynamic(small.encoder, {nn.Linear}, dtype=torch.qint8)
-    small.quantized = "int8-dynamic"
+        small.encoder = quantize_dynamic(small.encoder, spec, dtype=torch.qint8)
+    small.quantized, small.int8_embeddings = "int8-dynamic", embeddings
     return small
 
 def half_precision(model: BiEncoder, dtype: torch.dtype = torch.bfloat16) -> BiEncoder:
@@ -247,19 +251,22 @@ def distill_bi_encoder(student: BiEncoder, teacher: BiEncoder | None, queries: S
     return losses
 
 # %% ../nbs/04_compression.ipynb #e90b7a17
-def save_compressed(model: BiEncoder, path: str | Path) -> Path:
-    "Save a compressed bi-encoder: fp32/fp16 weights as safetensors, int8 state as weights-only torch file."
+def save_compressed(model: nn.Module, path: str | Path) -> Path:
+    "Save a compressed bi-encoder or scorer: fp32/fp16 weights as safetensors, int8 state as a weights-only torch file."
     path = Path(path)
     quantized = getattr(model, "quantized", None)
     if quantized != "int8-dynamic":
         saved = save_model(model, path)
     else:
+        from safetensors.torch import save_file
         saved = path
         tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None))
         try:
             model.encoder.config.save_pretrained(tmp / "encoder")
             model.tokenizer.save_pretrained(tmp / "encoder")
             torch.save(model.encoder.state_dict(), tmp / "int8_state.pt")
+            if getattr(model, "head", None) is not None:
+                save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
             (tmp / "recbook.json").write_text(json.dumps(model.config(), indent=2))
             if path.exists():
                 shutil.rmtree(path)
@@ -268,34 +275,39 @@ def save_compressed(model: BiEncoder, path: str | Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     meta = json.loads((saved / "recbook.json").read_text())
-    meta.update({"kept_heads": getattr(model, "kept_heads", None), "quantized": quantized})
+    meta.update({"kept_heads": getattr(model, "kept_heads", None), "quantized": quantized,
+                 "int8_embeddings": getattr(model, "int8_embeddings", False)})
     (saved / "recbook.json").write_text(json.dumps(meta, indent=2))
     return saved
 
-def load_compressed(path: str | Path, device=None) -> BiEncoder:
-    "Load a model saved by `save_compressed`: rebuild pruned heads and int8 layers, then load the weights."
+def load_compressed(path: str | Path, device=None) -> nn.Module:
+    "Load a model saved by `save_compressed`: rebuild pruned heads and int8 layers, then load the weights (no pickled code)."
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = Path(path)
     meta = read_model_config(path)
     kept_heads, quantized = meta.pop("kept_heads", None), meta.pop("quantized", None)
-    meta.pop("kind", None)
+    int8_embeddings = meta.pop("int8_embeddings", False)
+    cls = MODEL_KINDS.get(meta.pop("kind", None))
+    if cls is None:
+        raise ValueError(f"{path / 'recbook.json'} names an unknown model kind; expected one of {list(MODEL_KINDS)}.")
     config = AutoConfig.from_pretrained(path / "encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
-    if quantized == "int8-dynamic":
-        model = BiEncoder(AutoModel.from_config(config), tokenizer, **meta)
+    if quantized == "int8-dynamic" or kept_heads:
+        model = cls(AutoModel.from_config(config), tokenizer, **meta)
         if kept_heads:
             apply_head_pruning(model, kept_heads)
-        model = quantize_int8(model)
-        state = torch.load(path / "int8_state.pt", weights_only=True)
-        model.encoder.load_state_dict(state)
-        return model.eval()
-    if kept_heads:
-        from safetensors.torch import load_file
-        model = BiEncoder(AutoModel.from_config(config), tokenizer, **meta)
-        apply_head_pruning(model, kept_heads)
-        model.encoder.load_state_dict(load_file(str(path / "encoder" / "model.safetensors")), strict=False)
+        if quantized == "int8-dynamic":
+            model = quantize_int8(model, embeddings=int8_embeddings)
+            model.encoder.load_state_dict(torch.load(path / "int8_state.pt", weights_only=True))
+        else:
+            model.encoder.load_state_dict(load_file(str(path / "encoder" / "model.safetensors")), strict=False)
     else:
-        model = BiEncoder(AutoModel.from_pretrained(path / "encoder"), tokenizer, **meta)
+        model = cls(AutoModel.from_pretrained(path / "encoder"), tokenizer, **meta)
+    if getattr(model, "head", None) is not None:
+        model.head.load_state_dict(load_file(str(path / "head.safetensors")))
+    if quantized == "int8-dynamic":
+        return model.eval()  # int8 kernels are CPU-only
     if quantized in ("float16", "bfloat16"):
         model = model.to(getattr(torch, quantized)); model.quantized = quantized
     return model.to(get_device(device)).eval()
@@ -303,9 +315,10 @@ def load_compressed(path: str | Path, device=None) -> BiEncoder:
 # %% ../nbs/04_compression.ipynb #d3e48be3
 COMPRESSION_SIZES = {
     "quick": dict(train_queries=64, eval_queries=60, epochs=1, repeats=2, sparsities=(0.5,), layers=(3,), ffn=(0.5,),
-                  heads=(6,), student_layers=2, latency_batch=(16, 64), combos=False),
+                  heads=(6,), student_layers=2, latency_batch=(16, 64), combos=False, scoring_train=64, scoring_eval=100),
     "full": dict(train_queries=None, eval_queries=None, epochs=1, repeats=10, sparsities=(0.3, 0.5, 0.7), layers=(3, 2, 1),
-                 ffn=(0.5,), heads=(6,), student_layers=2, latency_batch=(64, 128), combos=True),
+                 ffn=(0.5,), heads=(6,), student_layers=2, latency_batch=(64, 128), combos=True, scoring_train=2000,
+                 scoring_eval=1000),
 }
 
 def _fixed_batch(task: SearchTask, model, shape: tuple[int, int] = (64, 128)) -> dict:
@@ -391,6 +404,7 @@ def compression_study(quick: bool = False, encoder: str | None = None, progress:
 
     if device.type == "cpu":
         add("int8 dynamic (torch)", quantize_int8(teacher), kind="int8")
+        add("int8 dynamic + int8 embeddings (torch)", quantize_int8(teacher, embeddings=True), kind="int8")
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             add("int8 dynamic (ONNX Runtime peer)", OnnxBiEncoder(export_onnx(teacher, Path(tmp) / "onnx")), kind="onnx-int8")
         add(f"{k}-layer distilled + int8", quantize_int8(student), kind="combo")
@@ -401,6 +415,7 @@ def compression_study(quick: bool = False, encoder: str | None = None, progress:
             if one is None:
                 one = drop_layers(teacher, [n_layers - 1]); recover(one)
             add("1-layer distilled + int8", quantize_int8(one), kind="combo")
+            add("1-layer distilled + int8 + int8 embeddings", quantize_int8(one, embeddings=True), kind="combo")
     else:
         for dtype in (torch.float16, torch.bfloat16):
             add(f"teacher {str(dtype)[6:]}", half_precision(teacher, dtype), kind="half")
@@ -418,13 +433,69 @@ def compression_table(rows: Sequence[BenchResult]) -> pd.DataFrame:
                           "speedup": r.extra.get("speedup", 1.0), "query_ms_p50": r.extra["query_latency_ms_p50"]}
                          for r in rows]).set_index("name")
 
+def measure_scorer(name: str, model: CrossEncoderScorer, frame: pd.DataFrame, batch: dict, repeats: int,
+                   teacher_row: BenchResult | None = None, **extra) -> BenchResult:
+    "Spearman (and AUCs) on `frame`, fixed-batch latency and size of one scorer variant."
+    first, second = frame["features"].tolist(), frame["text"].tolist()
+    metrics = scoring_report(model.score(first, second), frame)
+    inputs = {k: v.to(model.device) for k, v in batch.items()}
+    latency = measure_latency(lambda: model(**inputs), batch_size=len(batch["input_ids"]), warmup=2, repeats=repeats,
+                              device=model.device)
+    row = BenchResult(name, metrics, latency=latency, size=model_size(model), extra={"task": "scoring", **extra})
+    if teacher_row is not None:
+        row.metrics["retained"] = metrics["spearman"] / teacher_row.metrics["spearman"]
+        row.extra["speedup"] = teacher_row.latency.p50_ms / latency.p50_ms
+    return row
+
+def scoring_compression_study(quick: bool = False, encoder: str | None = None, progress: bool = True) -> tuple[list[BenchResult], dict]:
+    "Chapter 03's scoring teacher (a cross-encoder) quantized and cut to a student, measured against it in one run."
+    sizes = COMPRESSION_SIZES["quick" if quick else "full"]
+    device = get_device()
+    task = build_scoring_task(clothing_interactions())
+    test = task.split("test")
+    test = test.sample(n=min(sizes["scoring_eval"], len(test)), random_state=0)
+    train = task.split("train")
+    train = train.sample(n=min(sizes["scoring_train"], len(train)), random_state=0)
+    test = test.assign(features=_scoring_inputs(task, test)[0])
+    teacher = ensure_teacher("scoring", quick=quick, encoder=encoder, device=device)
+    n, length = sizes["latency_batch"]
+    batch = teacher.tokenizer(test["features"].tolist()[:n], test["text"].tolist()[:n], padding="max_length",
+                              truncation="longest_first", max_length=length, return_tensors="pt")
+    reps = sizes["repeats"]
+    rows = [measure_scorer("scoring teacher (fp32)", teacher, test, batch, reps, kind="teacher")]
+    add = lambda name, model, **extra: rows.append(measure_scorer(name, model, test, batch, reps, rows[0], **extra))
+    k = sizes["student_layers"]
+    student = drop_layers(teacher, evenly_spaced(teacher.encoder.config.num_hidden_layers, k))
+    first, second = _scoring_inputs(task, train)
+    train_scorer(student, first, second, train["rating"].to_numpy(), loss="reward", epochs=sizes["epochs"], progress=progress)
+    if device.type == "cpu":
+        add("int8 dynamic", quantize_int8(teacher), kind="int8")
+        add("int8 dynamic + int8 embeddings", quantize_int8(teacher, embeddings=True), kind="int8")
+    add(f"{k}-layer student, recovered", student, kind="layers")
+    if device.type == "cpu":
+        add(f"{k}-layer student + int8 + int8 embeddings", quantize_int8(student, embeddings=True), kind="combo")
+    else:
+        add("teacher bfloat16", half_precision(teacher, torch.bfloat16), kind="half")
+    return rows, {"scoring_test_rows": len(test), "scoring_train_rows": len(train),
+                  "scoring_latency_batch": f"{n} pairs x {length} tokens"}
+
+def scoring_table(rows: Sequence[BenchResult]) -> pd.DataFrame:
+    "One row per scorer variant: size, latency, Spearman and the ratios to the teacher."
+    return pd.DataFrame([{"name": r.name, "params": r.size.parameters, "size_mb": r.size.disk_mb,
+                          "latency_ms_p50": r.latency.p50_ms, "latency_ms_p95": r.latency.p95_ms,
+                          "throughput": r.latency.throughput, "spearman": r.metrics["spearman"],
+                          "retained": r.metrics.get("retained", 1.0), "speedup": r.extra.get("speedup", 1.0)}
+                         for r in rows]).set_index("name")
+
 def bench(out_dir, quick: bool = False, encoder: str | None = None) -> Path:
-    "Run `compression_study` and write `out_dir/compression.json` (variants, teacher, chosen point, machine)."
+    "Run both studies and write `out_dir/compression.json` (variants, teacher, chosen point, scoring variants, machine)."
     rows, info = compression_study(quick=quick, encoder=encoder)
+    scoring_rows, scoring_info = scoring_compression_study(quick=quick, encoder=encoder)
+    scoring = [{"name": n, **{k: float(v) for k, v in r.items()}} for n, r in scoring_table(scoring_rows).iterrows()]
     table = compression_table(rows)
     budget = float(table.loc["teacher (fp32)", "latency_ms_p50"]) / 8
     latency, error = table["latency_ms_p50"].to_numpy(), 1 - table["ndcg@10"].to_numpy()
     chosen = table.index[choose_operating_point(latency, error, budget=budget)] if latency.min() <= budget else None
     variants = [{"name": n, **{k: (None if pd.isna(v) else float(v)) for k, v in r.items()}} for n, r in table.iterrows()]
-    return save_results(Path(out_dir) / "compression.json", rows, chapter="04_compression", variants=variants,
-                        teacher=variants[0], budget_ms=budget, chosen=chosen, **info)
+    return save_results(Path(out_dir) / "compression.json", rows + scoring_rows, chapter="04_compression", variants=variants,
+                        teacher=variants[0], budget_ms=budget, chosen=chosen, scoring_variants=scoring, **info, **scoring_info)
