@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ import torch
 # %% auto #0
 __all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'machine_info', 'LatencyStats',
            'measure_latency', 'ModelSize', 'disk_size', 'model_size', 'BenchResult', 'atomic_write_text',
-           'save_results', 'load_results', 'data_dir', 'cache_dir']
+           'save_results', 'load_results', 'data_dir', 'world', 'init_distributed', 'local_share', 'gather_rows',
+           'data_parallel', 'mean_over_processes', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #ee57f386
 def in_test() -> bool:
@@ -44,8 +45,8 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
         if chosen.type == "mps" and not torch.backends.mps.is_available():
             raise RuntimeError(f"Device {choice!r} was requested but Apple MPS is not available on this machine.")
         return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():  # under torchrun, each process takes its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -237,6 +238,59 @@ def data_dir() -> Path:
         raise FileNotFoundError(f"recbook's data folder {path} does not exist. Install recbook from a clone "
                                 f"with `pip install -e .` or set RECBOOK_DATA to the folder that holds the data.")
     return path
+
+# %% ../nbs/00_core.ipynb #8206db9c
+def world() -> tuple[int, int]:
+    "(rank, number of processes): (0, 1) unless a torch.distributed process group is running."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def init_distributed(device: torch.device | str | None = None) -> tuple[int, int]:
+    "Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA); a no-op in one process."
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = get_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world()
+
+def local_share(batch: Sequence, rank: int, size: int) -> tuple[Sequence, list[int]]:
+    "This process's strided share of a global batch, and every process's share size."
+    return batch[rank::size], [len(batch[r::size]) for r in range(size)]
+
+def gather_rows(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    "Every process's rows of `x` (process r has sizes[r] rows), concatenated in rank order, with gradients."
+    rank, size = world()
+    if size == 1:
+        return x
+    import warnings
+    from torch.distributed.nn.functional import all_gather
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])]) if len(x) < max(sizes) else x
+    with warnings.catch_warnings():  # torch 2.13 deprecates it for an autograd-aware replacement that is still private
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    "The model wrapped in DistributedDataParallel when several processes run, else the model itself."
+    if world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)  # BERT's pooler is unused
+
+def mean_over_processes(value: torch.Tensor) -> float:
+    "The average of a scalar over processes (for logging the global loss)."
+    rank, size = world()
+    if size == 1:
+        return value.item()
+    import torch.distributed as dist
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value.item() / size
 
 # %% ../nbs/00_core.ipynb #9eca5d5b
 def cache_dir() -> Path:

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (BenchResult, autocast, cache_dir, get_device, measure_latency, model_size, save_results,
-                          seed_everything)
+from .core import (BenchResult, autocast, cache_dir, data_parallel, gather_rows, get_device, init_distributed,
+                          local_share, mean_over_processes, measure_latency, model_size, save_results, seed_everything)
 from .data import (ScoringTask, SearchTask, TextCollator, TextPairDataset, build_scoring_task,
                           build_search_task, clothing_interactions, features_text)
 from .metrics import ranking_report, roc_auc, spearman
@@ -118,11 +118,11 @@ class BiEncoder(nn.Module):
                 out[torch.as_tensor(idx, device=self.device)] = self.embed(self.tokenize([texts[i] for i in idx], max_length)).float()
         return out
 
-    def forward(self, queries: Sequence[str], documents: Sequence[str]) -> torch.Tensor:
-        "Logits [B, B] of every query against every document of the batch, divided by the temperature."
+    def forward(self, queries: Sequence[str], documents: Sequence[str], embeddings: bool = False):
+        "Logits [B, B] of every query against every document of the batch / temperature (or the two embeddings)."
         q = self.embed(self.tokenize(queries, self.query_max_length))
         d = self.embed(self.tokenize(documents, self.doc_max_length))
-        return q @ d.T / self.temperature
+        return (q, d) if embeddings else q @ d.T / self.temperature
 
 # %% ../nbs/03_model.ipynb #32c8ae4d
 class CrossEncoderScorer(nn.Module):
@@ -223,11 +223,17 @@ def _step(model, optimizer, scheduler, loss):
     optimizer.step()
     scheduler.step()
 
-def contrastive_loss(logits: torch.Tensor, item_ids: Sequence) -> torch.Tensor:
-    "In-batch softmax cross-entropy; other pairs of the same item are masked out (no false negatives)."
-    ids = torch.as_tensor(pd.factorize(pd.Series(list(item_ids)))[0], device=logits.device)
-    same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool, device=logits.device)
-    return F.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(len(ids), device=logits.device))
+def contrastive_loss(logits: torch.Tensor, item_ids: Sequence, doc_item_ids: Sequence | None = None,
+                     positives: Sequence[int] | None = None, reduction: str = "mean") -> torch.Tensor:
+    "In-batch softmax cross-entropy of queries over documents (query i's own is column `positives[i]`, default i); other documents of its item are masked out."
+    doc_item_ids = item_ids if doc_item_ids is None else doc_item_ids
+    codes = torch.as_tensor(pd.factorize(pd.Series([*item_ids, *doc_item_ids]))[0], device=logits.device)
+    q_ids, d_ids = codes[:len(item_ids)], codes[len(item_ids):]
+    rows = torch.arange(len(q_ids), device=logits.device)
+    positives = rows if positives is None else torch.as_tensor(np.asarray(positives), device=logits.device)
+    same = q_ids[:, None] == d_ids[None, :]
+    same[rows, positives] = False  # no false negatives: only the query's own document of its item counts
+    return F.cross_entropy(logits.masked_fill(same, float("-inf")), positives, reduction=reduction)
 
 # %% ../nbs/03_model.ipynb #62d9863f
 def train_bi_encoder(model: BiEncoder, queries: Sequence[str], documents: Sequence[str], item_ids: Sequence,
@@ -236,22 +242,38 @@ def train_bi_encoder(model: BiEncoder, queries: Sequence[str], documents: Sequen
     if not (len(queries) == len(documents) == len(item_ids)):
         raise ValueError("queries, documents and item_ids must have the same length.")
     seed_everything(seed)
+    rank, size = init_distributed(model.device)
+    parallel = data_parallel(model)
     order_rng = np.random.default_rng(seed)
     steps = epochs * math.ceil(len(queries) / batch_size)
     optimizer, scheduler = _optimizer(model, steps, lr)
-    losses, bar = [], tqdm(total=steps, disable=not progress, desc="bi-encoder")
+    losses, bar = [], tqdm(total=steps, disable=not progress or rank > 0, desc="bi-encoder")
     model.train()
     for _ in range(epochs):
         order = order_rng.permutation(len(queries))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            with autocast(model.device):
-                loss = contrastive_loss(model([queries[i] for i in idx], [documents[i] for i in idx]).float(),
-                                        [item_ids[i] for i in idx])
+            if len(idx) < size:
+                continue  # with several processes, a last batch smaller than their number is dropped
+            loss = _in_batch_loss(parallel, model, idx, queries, documents, item_ids, rank, size)
             _step(model, optimizer, scheduler, loss)
-            losses.append(loss.item()); bar.update(); bar.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(mean_over_processes(loss)); bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close(); model.eval()
     return losses
+
+def _in_batch_loss(parallel, model: BiEncoder, idx, queries, documents, item_ids, rank: int, size: int,
+                   extra: Callable | None = None) -> torch.Tensor:
+    "This process's share L_r = (W/B) sum of the in-batch losses of its queries against all documents of the batch."
+    local, sizes = local_share(idx, rank, size)
+    everyone = np.concatenate([idx[r::size] for r in range(size)])  # the documents' order after gathering
+    with autocast(model.device):
+        q, d = parallel([queries[i] for i in local], [documents[i] for i in local], embeddings=True)
+        logits = (q @ gather_rows(d, sizes).T / model.temperature).float()
+    positives = sum(sizes[:rank]) + np.arange(len(local))
+    total = contrastive_loss(logits, [item_ids[i] for i in local], [item_ids[i] for i in everyone], positives, reduction="sum")
+    if extra is not None:
+        total = extra(total, logits, local, everyone)
+    return total * size / len(idx)
 
 # %% ../nbs/03_model.ipynb #7e9b2716
 SCORER_LOSSES = ("reward", "mse")
@@ -268,19 +290,25 @@ def train_scorer(model: CrossEncoderScorer, first: Sequence[str], second: Sequen
     loader = torch.utils.data.DataLoader(TextPairDataset(first, second, ratings), batch_size=batch_size, shuffle=True,
                                          collate_fn=TextCollator(model.tokenizer, model.max_length),
                                          generator=torch.Generator().manual_seed(seed))
+    rank, size = init_distributed(model.device)
+    parallel = data_parallel(model)
     optimizer, scheduler = _optimizer(model, epochs * len(loader), lr)
-    losses, bar = [], tqdm(total=epochs * len(loader), disable=not progress, desc=f"scorer ({loss})")
+    losses, bar = [], tqdm(total=epochs * len(loader), disable=not progress or rank > 0, desc=f"scorer ({loss})")
     model.train()
     for _ in range(epochs):
         for batch in loader:
-            batch = {k: v.to(model.device) for k, v in batch.items()}
+            n = len(batch["labels"])
+            if n < size:
+                continue  # with several processes, a last batch smaller than their number is dropped
+            batch = {k: v[rank::size].to(model.device) for k, v in batch.items()}  # this process's strided share
             rewards = batch.pop("labels")
             with autocast(model.device):
-                scores = model(**batch).float()
+                scores = parallel(**batch).float()
             value = (reward_weighted_loss(scores, rewards, "log_likelihood", baseline=mean) if loss == "reward"
                      else F.mse_loss(scores, (rewards - mean) / std))
+            value = value * len(rewards) * size / n  # a mean over this share -> this process's part of the batch mean
             _step(model, optimizer, scheduler, value)
-            losses.append(value.item()); bar.update(); bar.set_postfix(loss=f"{value.item():.3f}")
+            losses.append(mean_over_processes(value)); bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close(); model.eval()
     return losses
 
