@@ -387,7 +387,7 @@ def garment_vocabulary_of(task: SearchTask) -> frozenset[str]:
 def round_trip_filter(query_emb: torch.Tensor, doc_emb: torch.Tensor, item_index: Sequence[int], top_k: int = 20) -> np.ndarray:
     "Keep a generated pair when its source item ranks in the top_k for its query (ties counted against it)."
     scores = query_emb.float() @ doc_emb.float().T
-    index = torch.as_tensor(np.asarray(item_index), dtype=torch.long, device=scores.device)
+    index = torch.tensor(np.asarray(item_index, dtype=np.int64), device=scores.device)
     own = scores.gather(1, index[:, None])
     rank = (scores >= own).sum(1)  # 1 = the source item is first
     return (rank <= top_k).cpu().numpy()
@@ -412,6 +412,16 @@ def char_error_rate(clean: Sequence[str], noisy: Sequence[str]) -> float:
     return sum(edit_distance(c, z) for c, z in zip(clean, noisy)) / total
 
 # %% ../nbs/06_augmentation.ipynb #7821d3b0
+def _length_bucketed_batches(texts: Sequence[str], batch_size: int, rng: np.random.Generator, bucket: int = 16) -> list:
+    "Shuffled batches of similar length: shuffle, sort within windows of `bucket` batches, shuffle the batches."
+    order = rng.permutation(len(texts))
+    window = batch_size * bucket
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(texts[i]))
+        batches += [np.array(chunk[i:i + batch_size]) for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
 def train_query_encoder(model: BiEncoder, queries: Sequence[str], item_index: Sequence[int], doc_emb: torch.Tensor,
                         epochs: int = 1, batch_size: int = 32, lr: float = 5e-5, seed: int = 0,
                         train_word_embeddings: bool = False, progress: bool = True) -> list[float]:
@@ -422,7 +432,7 @@ def train_query_encoder(model: BiEncoder, queries: Sequence[str], item_index: Se
         raise ValueError("No training queries.")
     if doc_emb.ndim != 2 or doc_emb.shape[1] != model.encoder.config.hidden_size:
         raise ValueError(f"doc_emb must be [items, {model.encoder.config.hidden_size}], got {tuple(doc_emb.shape)}.")
-    targets = torch.as_tensor(np.asarray(item_index), dtype=torch.long)
+    targets = torch.tensor(np.asarray(item_index, dtype=np.int64))
     if int(targets.min()) < 0 or int(targets.max()) >= len(doc_emb):
         raise ValueError(f"item_index must lie in [0, {len(doc_emb)}), got values from {int(targets.min())} to {int(targets.max())}.")
     seed_everything(seed)
@@ -435,9 +445,7 @@ def train_query_encoder(model: BiEncoder, queries: Sequence[str], item_index: Se
     losses, bar = [], tqdm(total=steps, disable=not progress, desc="query encoder")
     model.train()
     for _ in range(epochs):
-        order = order_rng.permutation(len(queries))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in _length_bucketed_batches(queries, batch_size, order_rng):
             with autocast(model.device):
                 embedded = model.embed(model.tokenize([queries[i] for i in idx], model.query_max_length))
             logits = embedded.float() @ documents.T / model.temperature

@@ -307,6 +307,14 @@ def test_query_training_checks_its_inputs(tiny):
         train_query_encoder(tiny, [], [], docs, progress=False)
 
 
+@given(n=st.integers(1, 200), batch=st.integers(1, 40), seed=st.integers(0, 100))
+def test_length_bucketed_batches_cover_every_example_once(n, batch, seed):
+    texts = ["x" * (i % 17 + 1) for i in range(n)]
+    batches = augment._length_bucketed_batches(texts, batch, np.random.default_rng(seed), bucket=3)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    assert all(1 <= len(b) <= batch for b in batches)
+
+
 # --- summary --------------------------------------------------------------------------------------------------
 def test_summary_means_spreads_and_paired_gains():
     rows = [BenchResult(f"{family} {seed}", {"ndcg@10": value}, extra={"task": "search", "regime": 0.2, "family": family, "seed": seed})
