@@ -23,28 +23,25 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (BenchResult, LatencyStats, cache_dir, get_device, machine_info, measure_latency, pick_size,
-                          save_results, seed_everything)
+from .core import BenchResult, autocast, cache_dir, measure_latency, save_results, seed_everything
 from .data import SearchTask, build_search_task, clothing_interactions
 from .index import (INDEX_SIZES, SCALING_BUILD, SCALING_SWEEP, VectorIndex, clustered_vectors, hnsw_target,
-                           index_sweep, scaling_study, two_nn_dimension)
-from .model import (BiEncoder, CrossEncoderScorer, _batches_by_length, _optimizer, _step, ensure_teacher,
-                           load_encoder, load_model, resolve_encoder, save_model, search_report)
+                           index_sweep, scaling_study)
+from .model import (BiEncoder, CrossEncoderScorer, _optimizer, _step, ensure_teacher, load_model, resolve_encoder,
+                           save_model, search_report, teacher_path)
 from .compress import OnnxBiEncoder, export_onnx, quantize_int8
-from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
 __all__ = ['PADDING_STRATEGIES', 'ENCODER_BACKENDS', 'RERANKER_SIZES', 'MAX_QUERY_CHARS', 'INFERENCE_SIZES', 'COST_SWEEP',
            'model_fingerprint', 'catalogue_fingerprint', 'StaleCacheError', 'save_embeddings', 'load_embeddings',
            'encode_catalogue', 'padding_batches', 'padding_waste', 'encode_with_padding', 'MicroBatcher', 'LRUCache',
            'runtime_study', 'export_fused_onnx', 'encoder_backend', 'SentenceTransformersPeer', 'hard_negatives',
-           'train_reranker', 'reranker_path', 'ensure_reranker', 'check_query', 'SearchService', 'cascade_scores',
-           'sub_catalogue', 'cascade_study', 'fit_cost_model', 'predict_latency', 'index_latency_curve',
-           'encoding_study', 'padding_study', 'concurrency_study', 'zipf_query_log', 'cache_study', 'inference_study',
-           'inference_targets', 'bench']
+           'random_negatives', 'listwise_loss', 'train_reranker', 'reranker_path', 'reranker_training_groups',
+           'ensure_reranker', 'check_query', 'SearchService', 'cascade_scores', 'sub_catalogue', 'cascade_study',
+           'fit_cost_model', 'predict_latency', 'index_latency_curve', 'encoding_study', 'padding_study',
+           'concurrency_study', 'zipf_query_log', 'cache_study', 'inference_study', 'inference_targets', 'bench']
 
 # %% ../nbs/05_inference.ipynb #0537b8f0
 def _hash_value(h, value):
@@ -364,8 +361,8 @@ class SentenceTransformersPeer:
 
 # %% ../nbs/05_inference.ipynb #e3308078
 RERANKER_SIZES = {  # teaching size, full size
-    "quick": dict(train_queries=48, negatives=3, pool=10, max_length=32, epochs=1, batch_size=8, lr=5e-5),
-    "full": dict(train_queries=1200, negatives=3, pool=10, max_length=64, epochs=1, batch_size=8, lr=5e-5),
+    "quick": dict(train_queries=48, hard=2, random=2, pool=10, max_length=32, epochs=1, batch_size=8, lr=5e-5),
+    "full": dict(train_queries=1200, hard=2, random=2, pool=10, max_length=64, epochs=1, batch_size=8, lr=5e-5),
 }
 
 def hard_negatives(query_emb: torch.Tensor, doc_emb: torch.Tensor, positives: Sequence[int], n: int, pool: int = 10,
@@ -381,13 +378,31 @@ def hard_negatives(query_emb: torch.Tensor, doc_emb: torch.Tensor, positives: Se
         out.append(rng.choice(candidates, size=n, replace=False))
     return np.stack(out)
 
-def train_reranker(model: CrossEncoderScorer, queries: Sequence[str], groups: Sequence[Sequence[str]], epochs: int = 1,
-                   batch_size: int = 8, lr: float = 5e-5, seed: int = 0, progress: bool = True) -> list[float]:
-    "Listwise softmax loss over each query's group of documents (the relevant one first, then its negatives)."
+def random_negatives(n_items: int, exclude: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    "For each row of `exclude` ([queries, m] item indices), `n` other item indices drawn uniformly: [queries, n]."
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(np.setdiff1d(np.arange(n_items), row), size=n, replace=False) for row in exclude])
+
+def listwise_loss(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+    "ListNet cross-entropy between softmax(scores) and the gains 2^g - 1 normalised per group; [groups, size] inputs."
+    gains = torch.exp2(grades.to(scores.dtype)) - 1
+    if bool((gains.sum(1) <= 0).any()):
+        raise ValueError("Every group needs at least one document with a positive grade.")
+    return -(gains / gains.sum(1, keepdim=True) * F.log_softmax(scores, dim=1)).sum(1).mean()
+
+def train_reranker(model: CrossEncoderScorer, queries: Sequence[str], groups: Sequence[Sequence[str]],
+                   grades: Sequence[Sequence[float]] | None = None, epochs: int = 1, batch_size: int = 8, lr: float = 5e-5,
+                   seed: int = 0, progress: bool = True) -> list[float]:
+    "Listwise loss over each query's group of documents; `grades=None` means the first document is the relevant one."
     if len(queries) != len(groups) or len({len(g) for g in groups}) != 1:
         raise ValueError("Need one group per query, all groups of the same size (the positive first).")
+    size = len(groups[0])
+    grades = torch.as_tensor(np.asarray(grades, dtype=np.float32) if grades is not None
+                             else np.eye(1, size, dtype=np.float32).repeat(len(groups), 0) * 2)
+    if grades.shape != (len(groups), size):
+        raise ValueError(f"grades must have shape {(len(groups), size)}, got {tuple(grades.shape)}.")
     seed_everything(seed)
-    rng, size = np.random.default_rng(seed), len(groups[0])
+    rng = np.random.default_rng(seed)
     steps = epochs * math.ceil(len(queries) / batch_size)
     optimizer, scheduler = _optimizer(model, steps, lr)
     losses, bar = [], tqdm(total=steps, disable=not progress, desc="reranker")
@@ -398,39 +413,47 @@ def train_reranker(model: CrossEncoderScorer, queries: Sequence[str], groups: Se
             idx = order[start:start + batch_size]
             first = [queries[i] for i in idx for _ in range(size)]
             second = [doc for i in idx for doc in groups[i]]
-            from recbook.core import autocast
             with autocast(model.device):
                 scores = model(**model.tokenize(first, second)).float().view(len(idx), size)
-            loss = F.cross_entropy(scores, torch.zeros(len(idx), dtype=torch.long, device=scores.device))
+            loss = listwise_loss(scores, grades[torch.as_tensor(idx)].to(scores.device))
             _step(model, optimizer, scheduler, loss)
             losses.append(loss.item()); bar.update(); bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close(); model.eval()
     return losses
 
-# %% ../nbs/05_inference.ipynb #be6bdf8f
+# %% ../nbs/05_inference.ipynb #e1e91fd9
 def reranker_path(quick: bool = False, encoder: str | None = None) -> Path:
     "Where the search reranker is cached, named by a hash of its encoder, size and recipe."
     size = "quick" if quick else "full"
-    recipe = json.dumps({"encoder": resolve_encoder(encoder), **RERANKER_SIZES[size], "version": 1}, sort_keys=True)
+    recipe = json.dumps({"encoder": resolve_encoder(encoder), "init": teacher_path("search", quick, encoder).name,
+                         **RERANKER_SIZES[size], "version": 3}, sort_keys=True)
     return cache_dir() / f"reranker-search-{size}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
+def reranker_training_groups(task: SearchTask, teacher: BiEncoder, sizes: dict, seed: int = 0):
+    "Training queries, their document groups (item, hard negatives, random negatives) and the groups' graded relevance."
+    train_q = task.split("train").sample(frac=1.0, random_state=seed).head(sizes["train_queries"])
+    docs = task.items["document"].tolist()
+    position = {item: i for i, item in enumerate(task.items["item_id"])}
+    positives = train_q["item_id"].map(position).to_numpy()
+    hard = hard_negatives(teacher.encode(train_q["query"].tolist(), max_length=teacher.query_max_length),
+                          teacher.encode(docs), positives, sizes["hard"], sizes["pool"], seed)
+    members = np.column_stack([positives, hard])
+    members = np.column_stack([members, random_negatives(len(docs), members, sizes["random"], seed)])
+    item_class = task.items[task.item_features[0]].to_numpy()
+    grades = np.where(item_class[members] == train_q[task.item_features[0]].to_numpy()[:, None], 1.0, 0.0)
+    grades[:, 0] = 2.0
+    return train_q["query"].tolist(), [[docs[j] for j in row] for row in members], grades
+
 def ensure_reranker(quick: bool = False, encoder: str | None = None, device=None, progress: bool = False) -> CrossEncoderScorer:
-    "The cached search reranker; trained once (hard negatives from the cached search teacher) if the cache is empty."
+    "The cached search reranker; trained once (from the cached search teacher, with its hard negatives) if the cache is empty."
     path = reranker_path(quick, encoder)
     if not path.exists():
         sizes = RERANKER_SIZES["quick" if quick else "full"]
         task = build_search_task(clothing_interactions())
         teacher = ensure_teacher("search", quick=quick, encoder=encoder, device=device)
-        train_q = task.split("train").sample(frac=1.0, random_state=0).head(sizes["train_queries"])
-        docs = task.items["document"].tolist()
-        position = {item: i for i, item in enumerate(task.items["item_id"])}
-        positives = train_q["item_id"].map(position).to_numpy()
-        negatives = hard_negatives(teacher.encode(train_q["query"].tolist(), max_length=teacher.query_max_length),
-                                   teacher.encode(docs), positives, sizes["negatives"], sizes["pool"])
-        groups = [[docs[p], *(docs[j] for j in neg)] for p, neg in zip(positives, negatives)]
-        tokenizer, encoder_model = load_encoder(encoder, device=device)
-        model = CrossEncoderScorer(encoder_model, tokenizer, max_length=sizes["max_length"])
-        train_reranker(model, train_q["query"].tolist(), groups, epochs=sizes["epochs"], batch_size=sizes["batch_size"],
+        queries, groups, grades = reranker_training_groups(task, teacher, sizes)
+        model = CrossEncoderScorer(copy.deepcopy(teacher.encoder), teacher.tokenizer, max_length=sizes["max_length"])
+        train_reranker(model, queries, groups, grades, epochs=sizes["epochs"], batch_size=sizes["batch_size"],
                        lr=sizes["lr"], progress=progress)
         save_model(model, path)
     return load_model(path, device=device)
@@ -553,14 +576,18 @@ def cascade_study(service: SearchService, task: SearchTask, sizes: dict, progres
     depth_max = max(max(sizes["depths"]), 10)
     retrieved = service.retrieve(queries, min(depth_max, n))[1]
     timed = task.split("test").sample(frac=1.0, random_state=1)["query"].tolist()[:sizes["latency_queries"]]
-    service.query_cache = LRUCache(0)  # time the whole path: every query is encoded
+    saved_cache, service.query_cache = service.query_cache, LRUCache(0)  # time the whole path: every query is encoded
     rows = []
-    for depth in tqdm(sizes["depths"], disable=not progress, desc="cascade depths"):
-        calls = iter(range(10**9))
-        stats = measure_latency(lambda: service.search(timed[next(calls) % len(timed)], k=10, depth=depth),
-                                warmup=2, repeats=sizes["repeats"])
-        rows.append({"name": "retrieval only" if depth == 0 else f"cascade k={depth}", "depth": depth,
-                     **search_report(cascade_scores(retrieved, full, depth), sub), "ms_p50": stats.p50_ms, "ms_p95": stats.p95_ms})
+    try:
+        for depth in tqdm(sizes["depths"], disable=not progress, desc="cascade depths"):
+            calls = iter(range(10**9))
+            stats = measure_latency(lambda: service.search(timed[next(calls) % len(timed)], k=10, depth=depth),
+                                    warmup=2, repeats=sizes["repeats"])
+            rows.append({"name": "retrieval only" if depth == 0 else f"cascade k={depth}", "depth": depth,
+                         **search_report(cascade_scores(retrieved, full, depth), sub), "ms_p50": stats.p50_ms,
+                         "ms_p95": stats.p95_ms})
+    finally:
+        service.query_cache = saved_cache
     calls = iter(range(10**9))
     brute = measure_latency(lambda: service.rerank(timed[next(calls) % len(timed)], np.arange(n)), warmup=1,
                             repeats=sizes["brute_repeats"])

@@ -13,9 +13,9 @@ from hypothesis import given, settings, strategies as st
 from conftest import tiny_bert
 from recbook.infer import (LRUCache, MicroBatcher, PADDING_STRATEGIES, SearchService, SentenceTransformersPeer,
                            StaleCacheError, cascade_scores, catalogue_fingerprint, check_query, encode_catalogue,
-                           encode_with_padding, encoder_backend, fit_cost_model, hard_negatives, load_embeddings,
+                           encode_with_padding, encoder_backend, fit_cost_model, hard_negatives, listwise_loss, load_embeddings,
                            model_fingerprint, padding_batches, padding_waste, predict_latency, save_embeddings,
-                           sub_catalogue, train_reranker, zipf_query_log, MAX_QUERY_CHARS)
+                           random_negatives, sub_catalogue, train_reranker, zipf_query_log, MAX_QUERY_CHARS)
 from recbook.compress import quantize_int8
 from recbook.model import BiEncoder, CrossEncoderScorer
 
@@ -216,9 +216,34 @@ def test_hard_negatives_and_reranker_training(tiny_reranker):
     groups = [[DOCS[i], DOCS[(i + 1) % 6], DOCS[(i + 2) % 6]] for i in range(4)]
     losses = train_reranker(tiny_reranker, DOCS[:4], groups, batch_size=2, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
+    graded = train_reranker(tiny_reranker, DOCS[:4], groups, grades=[[2, 1, 0]] * 4, batch_size=4, progress=False)
+    assert len(graded) == 1
+    with pytest.raises(ValueError, match="grades must have shape"):
+        train_reranker(tiny_reranker, DOCS[:4], groups, grades=[[2, 1]] * 4, progress=False)
     assert not tiny_reranker.training
     with pytest.raises(ValueError, match="same size"):
         train_reranker(tiny_reranker, DOCS[:2], [["a", "b"], ["a"]], progress=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grades=st.lists(st.sampled_from([0.0, 1.0, 2.0]), min_size=2, max_size=6), seed=st.integers(0, 10**6))
+def test_listwise_loss_matches_autograd_free_reference_and_its_gradient(grades, seed):
+    if max(grades) == 0:
+        grades[0] = 2.0
+    g = torch.tensor([grades])
+    scores = torch.randn(1, len(grades), generator=torch.Generator().manual_seed(seed), dtype=torch.float64, requires_grad=True)
+    loss = listwise_loss(scores, g)
+    target = (2 ** g - 1) / (2 ** g - 1).sum()
+    reference = -(target * torch.log(torch.exp(scores) / torch.exp(scores).sum())).sum()
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    torch.testing.assert_close(scores.grad, torch.softmax(scores.detach(), 1) - target)  # ListNet's gradient
+
+
+def test_random_negatives_avoid_the_group():
+    exclude = np.array([[0, 1, 2], [5, 6, 7]])
+    out = random_negatives(10, exclude, n=4, seed=0)
+    assert out.shape == (2, 4) and all(not set(o) & set(e) and len(set(o)) == 4 for o, e in zip(out, exclude))
 
 
 def test_cost_model_recovers_a_linear_latency():
