@@ -28,10 +28,10 @@ from .model import BiEncoder, BM25Ranker, ensure_teacher, resolve_encoder, stand
 __all__ = ['TOKEN', 'RULE_KINDS', 'FILTERED', 'KNOWLEDGE_SIZES', 'SOFT_RULES', 'HARD_RULES', 'GRAPH_RELATIONS', 'KnowledgeGraph',
            'item_entity', 'value_entity', 'word_entity', 'catalogue_triples', 'words_of', 'mine_attribute_terms',
            'term_triples', 'wordnet_triples', 'TinyWordNet', 'knowledge_graph', 'related_words', 'expand_query',
-           'attribute_lexicon', 'query_attributes', 'class_terms', 'item_facts', 'with_item_facts', 'with_query_facts',
-           'TransE', 'margin_loss', 'corrupt', 'train_transe', 'tail_ranks', 'GatedFusion', 'train_gate', 'Rule',
-           'rule_mask', 'apply_rules', 'KnowledgeRanker', 'cold_start_task', 'rare_values', 'slice_report',
-           'knowledge_study', 'summarise', 'knowledge_rows', 'bench']
+           'attribute_lexicon', 'query_attributes', 'catalogue_words', 'class_terms', 'item_facts', 'with_item_facts',
+           'with_query_facts', 'TransE', 'margin_loss', 'corrupt', 'train_transe', 'tail_ranks', 'GatedFusion',
+           'train_gate', 'Rule', 'rule_mask', 'apply_rules', 'KnowledgeRanker', 'cold_start_task', 'rare_values',
+           'slice_report', 'knowledge_study', 'summarise', 'knowledge_rows', 'bench']
 
 # %% ../nbs/07_knowledge.ipynb #d56bae31
 class KnowledgeGraph:
@@ -152,7 +152,8 @@ def wordnet_triples(words: Iterable[str], wordnet, senses: int = 1) -> list[tupl
         for synset in wordnet.synsets(base)[:senses]:
             triples += [(word_entity(base), "synonym", word_entity(s)) for s in single(synset.lemma_names()) if s != base]
             triples += [(word_entity(base), "hypernym", word_entity(h))
-                        for parent in synset.hypernyms() for h in single(parent.lemma_names())]
+                        for parent in sorted(synset.hypernyms(), key=lambda p: p.lemma_names())  # nltk's order varies by run
+                        for h in single(parent.lemma_names())]
     return list(dict.fromkeys(triples))
 
 # %% ../nbs/07_knowledge.ipynb #aae6da51
@@ -195,10 +196,11 @@ def related_words(word: str, graph: KnowledgeGraph, relations: Sequence[str] = (
     return [t.removeprefix("word:") for t in dict.fromkeys(found) if t != start]
 
 def expand_query(query: str, graph: KnowledgeGraph, relations: Sequence[str] = ("synonym",),
-                 vocabulary: set[str] | None = None, max_new: int = 10) -> str:
-    "The query followed by up to `max_new` related words not already in it (only words of `vocabulary`, if given)."
+                 vocabulary: set[str] | None = None, expand: set[str] | None = None, max_new: int = 10) -> str:
+    "The query followed by up to `max_new` words related to its words (those in `expand`, if given) that are in `vocabulary`."
     own = words_of(query)
-    new = [w for q in own for w in related_words(q, graph, relations) if w not in own and (vocabulary is None or w in vocabulary)]
+    new = [w for q in own if expand is None or q in expand for w in related_words(q, graph, relations)
+           if w not in own and (vocabulary is None or w in vocabulary)]
     new = list(dict.fromkeys(new))[:max_new]
     return query if not new else f"{query} {' '.join(new)}"
 
@@ -225,6 +227,11 @@ def query_attributes(query: str, lexicon: dict, graph: KnowledgeGraph | None = N
             for field, value in lexicon.get(x, ()):
                 named[field].add(value)
     return dict(named)
+
+def catalogue_words(graph: KnowledgeGraph, items: pd.DataFrame, features: Sequence[str]) -> set[str]:
+    "The words the catalogue cares about: words of attribute values (and their lemmas) and mined terms."
+    mined = graph.triples.loc[graph.triples["relation"] == "mentions", "tail"].str.removeprefix("word:")
+    return set(mined) | set(attribute_lexicon(items, features, graph))
 
 # %% ../nbs/07_knowledge.ipynb #c9cb9337
 def class_terms(graph: KnowledgeGraph, value: str, relation: str, k: int = 5) -> list[str]:
@@ -542,7 +549,7 @@ def slice_report(scores: torch.Tensor, relevance: torch.Tensor, slices: dict[str
                      "queries": int(rows.sum())}
     return out
 
-# %% ../nbs/07_knowledge.ipynb #19acfcd1
+# %% ../nbs/07_knowledge.ipynb #d9a32e1a
 KNOWLEDGE_SIZES = {
     "quick": dict(seeds=(0,), eval_queries=200, train_queries=512, transe_epochs=30, gate_epochs=10, repeats=3),
     "full": dict(seeds=(0, 1, 2), eval_queries=None, train_queries=None, transe_epochs=100, gate_epochs=20, repeats=10),
@@ -558,30 +565,36 @@ def _variants(model, task, graph, features, sizes, seed, progress):
     plain = KnowledgeRanker(model, task.items, graph, features, progress=progress)
     facts = KnowledgeRanker(model, task.items, graph, features, facts=True, progress=progress)
     item_entities = [item_entity(i) for i in task.items["item_id"]]
-    transe, entity_id, _ = train_transe(graph.neighbourhood(item_entities, hops=2).where(GRAPH_RELATIONS),
-                                        epochs=sizes["transe_epochs"], seed=seed, progress=progress)
+    transe_graph = graph.neighbourhood(item_entities, hops=2).where(GRAPH_RELATIONS)
+    transe, entity_id, _ = train_transe(transe_graph, epochs=sizes["transe_epochs"], seed=seed, progress=progress)
     train_q = task.split("train")
     if sizes["train_queries"]:
         train_q = train_q.sample(n=min(sizes["train_queries"], len(train_q)), random_state=seed)
     gate_args = dict(seed=seed, progress=progress, epochs=sizes["gate_epochs"], temperature=model.temperature)
     gated = KnowledgeRanker(model, task.items, graph, features, item_text_embeddings=plain.item_text_embeddings)
     gated.fit_gate(transe, entity_id, train_q["query"].tolist(), train_q["item_id"].tolist(), **gate_args)
+    # ablation: the same gate on untrained (random) vectors: trainable item capacity without the graph's structure
+    untrained, untrained_id, _ = train_transe(KnowledgeGraph(transe_graph.triples.itertuples(index=False)), epochs=0, seed=seed, progress=False)
+    ablation = KnowledgeRanker(model, task.items, graph, features, item_text_embeddings=plain.item_text_embeddings)
+    ablation.fit_gate(untrained, untrained_id, train_q["query"].tolist(), train_q["item_id"].tolist(), **gate_args)
     combined = KnowledgeRanker(model, task.items, graph, features, facts=True, rules=SOFT_RULES,
                                item_text_embeddings=facts.item_text_embeddings)
     combined.fit_gate(transe, entity_id, train_q["query"].tolist(), train_q["item_id"].tolist(), **gate_args)
     soft = KnowledgeRanker(model, task.items, graph, features, rules=SOFT_RULES, item_text_embeddings=plain.item_text_embeddings)
     hard = KnowledgeRanker(model, task.items, graph, features, rules=HARD_RULES, item_text_embeddings=plain.item_text_embeddings)
-    return [("plain", plain), ("+ facts (input)", facts), ("+ KG gate (embedding)", gated), ("+ rules (soft)", soft),
+    return [("plain", plain), ("+ facts (input)", facts), ("+ KG gate (embedding)", gated),
+            ("+ gate on untrained vectors (ablation)", ablation), ("+ rules (soft)", soft),
             ("+ rules (hard)", hard), ("+ all (facts, gate, soft rules)", combined)]
 
-# %% ../nbs/07_knowledge.ipynb #e2ecf990
+# %% ../nbs/07_knowledge.ipynb #76601931
 class _Expanded:
     "BM25 with graph query expansion, with the same `score` interface as KnowledgeRanker."
-    def __init__(self, bm25: BM25Ranker, graph: KnowledgeGraph | None, vocabulary: set | None):
-        self.bm25, self.graph, self.vocabulary = bm25, graph, vocabulary
+    def __init__(self, bm25: BM25Ranker, graph: KnowledgeGraph | None = None, vocabulary: set | None = None,
+                 expand: set | None = None):
+        self.bm25, self.graph, self.vocabulary, self.expand = bm25, graph, vocabulary, expand
     def score(self, queries):
         if self.graph is not None:
-            queries = [expand_query(q, self.graph, vocabulary=self.vocabulary) for q in queries]
+            queries = [expand_query(q, self.graph, vocabulary=self.vocabulary, expand=self.expand) for q in queries]
         return self.bm25.scores(queries)
 
 def knowledge_study(quick: bool = False, encoder: str | None = None, wordnet=None, progress: bool = True) -> tuple[dict, dict]:
@@ -608,7 +621,8 @@ def knowledge_study(quick: bool = False, encoder: str | None = None, wordnet=Non
         relevance = task.relevance("test")
         bm25 = BM25Ranker(task.items["document"].tolist())
         vocabulary = {w for d in task.items["document"] for w in words_of(d)}
-        rankers = [("BM25", _Expanded(bm25, None, None)), ("BM25 + expansion", _Expanded(bm25, graph, vocabulary)),
+        rankers = [("BM25", _Expanded(bm25)), ("BM25 + expansion (every word)", _Expanded(bm25, graph, vocabulary)),
+                   ("BM25 + expansion (catalogue words)", _Expanded(bm25, graph, vocabulary, catalogue_words(graph, task.items, features))),
                    *_variants(model, task, graph, features, sizes, seed, progress)]
         for name, ranker in rankers:
             per_seed[name].append(slice_report(ranker.score(queries), relevance, slices))
@@ -620,6 +634,7 @@ def knowledge_study(quick: bool = False, encoder: str | None = None, wordnet=Non
                           "relations": {k: int(v) for k, v in graph.triples["relation"].value_counts().items()}, "cold_items": len(cold),
                           "slices": {k: int(v.sum()) for k, v in slices.items()}}
     info = {"quick": quick, "encoder": resolve_encoder(encoder), "seeds": list(sizes["seeds"]), "test_queries": len(test_q),
+            "catalogue": len(base.items),
             "rare_classes": sorted(rare), "graph": graph_info, "device": str(device)}
     return {"per_seed": dict(per_seed), "latency": latency}, info
 
