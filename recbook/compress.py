@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import BenchResult, autocast, get_device, measure_latency, model_size, save_results, seed_everything
+from .core import (BenchResult, autocast, data_parallel, get_device, init_distributed, mean_over_processes,
+                          measure_latency, model_size, save_results, seed_everything)
 from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
-from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _optimizer, _scoring_inputs, _step, contrastive_loss,
+from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _in_batch_loss, _optimizer, _scoring_inputs, _step,
                            ensure_teacher, read_model_config, save_model, scoring_report, search_report, train_scorer)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
@@ -226,27 +227,31 @@ def distill_bi_encoder(student: BiEncoder, teacher: BiEncoder | None, queries: S
             unique_docs, which = np.unique(np.asarray(documents, dtype=object), return_inverse=True)
             t_query = teacher.encode(queries, max_length=teacher.query_max_length).to(student.device)
             t_doc = teacher.encode(list(unique_docs), max_length=teacher.doc_max_length)[torch.as_tensor(which)].to(student.device)
+    rank, size = init_distributed(student.device)
+    parallel = data_parallel(student)
     rng = np.random.default_rng(seed)
     steps = epochs * math.ceil(len(queries) / batch_size)
     optimizer, scheduler = _optimizer(student, steps, lr)
-    losses, bar = [], tqdm(total=steps, disable=not progress, desc="distil" if teacher is not None else "train student")
+    losses = []
+    bar = tqdm(total=steps, disable=not progress or rank > 0, desc="distil" if teacher is not None else "train student")
+
+    def soft(task_sum, logits, local, everyone):  # summed over this process's queries, like the task loss
+        teacher_logits = t_query[torch.as_tensor(local)] @ t_doc[torch.as_tensor(everyone)].T / student.temperature
+        kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                      log_target=True, reduction="sum")
+        return alpha * temperature ** 2 * kl + (1 - alpha) * task_sum
+
     student.train()
     for _ in range(epochs):
         order = rng.permutation(len(queries))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids = [item_ids[i] for i in idx]
-            with autocast(student.device):
-                logits = student([queries[i] for i in idx], [documents[i] for i in idx]).float()
-            loss = contrastive_loss(logits, ids)
-            if teacher is not None:
-                t_idx = torch.as_tensor(idx, device=student.device)
-                teacher_logits = t_query[t_idx] @ t_doc[t_idx].T / student.temperature
-                soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
-                                log_target=True, reduction="batchmean")
-                loss = alpha * temperature ** 2 * soft + (1 - alpha) * loss
+            if len(idx) < size:
+                continue  # with several processes, a last batch smaller than their number is dropped
+            loss = _in_batch_loss(parallel, student, idx, queries, documents, item_ids, rank, size,
+                                  extra=soft if teacher is not None else None)
             _step(student, optimizer, scheduler, loss)
-            losses.append(loss.item()); bar.update()
+            losses.append(mean_over_processes(loss)); bar.update()
     bar.close(); student.eval()
     return losses
 
