@@ -180,9 +180,20 @@ def disk_size(model: torch.nn.Module) -> int:
             torch.save(state, path)
         return path.stat().st_size
 
+def _packed_parameters(model: torch.nn.Module) -> int:
+    "Weights of quantized layers, which are packed buffers rather than `nn.Parameter`s."
+    from torch.ao.nn.quantized import Embedding as QuantizedEmbedding, Linear as QuantizedLinear
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):  # dynamic int8 Linear subclasses Linear
+            count += module.weight().numel()
+            bias = module.bias() if isinstance(module, QuantizedLinear) else None
+            count += bias.numel() if bias is not None else 0
+    return count
+
 def model_size(model: torch.nn.Module) -> ModelSize:
-    "Parameters, bytes in memory (parameters + buffers, or the state dict if larger) and bytes on disk."
-    parameters = sum(p.numel() for p in model.parameters())
+    "Parameters (quantized ones included), bytes in memory (parameters + buffers, or the state dict if larger), bytes on disk."
+    parameters = sum(p.numel() for p in model.parameters()) + _packed_parameters(model)
     in_memory = sum(p.numel() * p.element_size() for p in model.parameters())
     in_memory += sum(b.numel() * b.element_size() for b in model.buffers())
     return ModelSize(parameters=parameters, memory_bytes=max(in_memory, _tensor_bytes(model.state_dict())),

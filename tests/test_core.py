@@ -128,3 +128,15 @@ def test_machine_info_names_the_machine():
     info = machine_info("cpu")
     assert info["device"] == "cpu" and info["cpu_count"] >= 1 and info["torch"] == torch.__version__
     assert {"platform", "processor", "torch_threads", "transformers", "recbook"} <= set(info)
+
+
+def test_model_size_counts_quantized_weights():
+    import warnings
+    from torch.ao.quantization import float_qparams_weight_only_qconfig, default_dynamic_qconfig, quantize_dynamic
+    from recbook.core import model_size
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = quantize_dynamic(model, {torch.nn.Linear: default_dynamic_qconfig,
+                                         torch.nn.Embedding: float_qparams_weight_only_qconfig}, dtype=torch.qint8)
+    assert model_size(model).parameters == model_size(small).parameters == 10 * 4 + 4 * 3 + 3
