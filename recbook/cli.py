@@ -21,6 +21,10 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "objective": "recbook.objective",
     "baseline": "recbook.model",
     "compression": "recbook.compress",
+    "inference": "recbook.infer",
+    "augmentation": "recbook.augment",
+    "knowledge": "recbook.knowledge",
+    "scale": "recbook.scale",
 }
 
 # %% ../nbs/99_cli.ipynb #fabd2143
