@@ -55,6 +55,8 @@ def _optimize(args) -> int:
                                               "lam", "speedup", "seed")}
     overrides["item_features"] = args.item_features.split(",") if args.item_features else None
     overrides["quick"] = True if args.quick else None
+    overrides["knowledge"] = True if args.knowledge else None
+    overrides["augment"] = args.augment
     try:
         config = load_config(args.config, **overrides)
     except (ValueError, FileNotFoundError) as error:
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--budget-ms", type=float, default=None, help="latency budget per query (median, ms)")
     rule.add_argument("--lam", type=float, default=None, help="exchange rate: error points per millisecond")
     rule.add_argument("--speedup", type=float, default=None, help="required speed-up over the teacher (default 4)")
+    run.add_argument("--augment", default=None, help="step 4: an augmenter of chapter 06 for the training queries (e.g. keyboard)")
+    run.add_argument("--knowledge", action="store_true", help="step 5: fuse chapter 07's item facts into the documents")
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--quick", action="store_true", help="teaching size (a few minutes on a laptop CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, load_compressed, quantize_int8, save_compressed
 from .core import atomic_write_text, get_device, machine_info, measure_latency, model_size
 from .data import Interactions, SearchTask, _read_table, build_search_task, clothing_interactions, from_table
-from .model import BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report, train_bi_encoder
+from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
+                           teacher_path, train_bi_encoder)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
 __all__ = ['PIPELINE_SIZES', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
-           'task_fingerprint', 'query_latency', 'measure_candidate', 'optimize', 'export_search', 'OptimizedSearch',
-           'load_optimized', 'write_report', 'markdown_table']
+           'task_fingerprint', 'with_knowledge', 'query_latency', 'measure_candidate', 'optimize', 'export_search',
+           'OptimizedSearch', 'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
@@ -55,6 +56,8 @@ class PipelineConfig:
     quick: bool = False
     seed: int = 0
     int8: bool = True                     # also try int8 (Linear + embedding tables) on CPU
+    augment: str | None = None            # step 4: add one augmented copy of each training query (chapter 06's names)
+    knowledge: bool = False               # step 5: prefix each item document with its facts (chapter 07's graph)
     sizes: dict = field(default_factory=dict)  # overrides of PIPELINE_SIZES (e.g. layers=[2])
 
     def size(self) -> dict:
@@ -73,6 +76,11 @@ class PipelineConfig:
             raise ValueError(f"Unknown sizes {sorted(unknown)}; known: {sorted(PIPELINE_SIZES['full'])}.")
         if self.data is not None and not Path(self.data).is_file():
             raise FileNotFoundError(f"No data file at {self.data}.")
+        if self.augment is not None:
+            from recbook.augment import AUGMENTERS
+            if self.augment not in AUGMENTERS or not AUGMENTERS[self.augment][1]:
+                raise ValueError(f"augment must name a label-preserving augmenter of chapter 06, one of "
+                                 f"{sorted(k for k, v in AUGMENTERS.items() if v[1])}; got {self.augment!r}.")
         return self
 
 def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
@@ -140,16 +148,32 @@ def task_fingerprint(task: SearchTask) -> str:
     parts += [q[["query", "item_id"]].astype(str).to_csv(index=False) for _, q in sorted(task.queries.items())]
     return content_key(*parts)
 
+def with_knowledge(task: SearchTask, log: logging.Logger | None = None) -> SearchTask:
+    "The task with each item document prefixed by its facts from chapter 07's knowledge graph (input-level fusion)."
+    from recbook.data import wordnet
+    from recbook.knowledge import knowledge_graph, with_item_facts
+    try:
+        lexicon = wordnet()
+    except FileNotFoundError:  # the graph still has the taxonomy and the mined terms
+        lexicon = None
+        (log or logging.getLogger(__name__)).info("knowledge: WordNet not prepared (recbook setup wordnet); taxonomy and terms only")
+    graph = knowledge_graph(task, wordnet=lexicon)
+    items = task.items.assign(document=with_item_facts(task.items["document"], task.items["item_id"], graph, task.item_features))
+    return SearchTask(items, task.queries, task.item_features, task.reviews)
+
 def _subset(task: SearchTask, n: int | None) -> SearchTask:
     "The task with at most n queries in valid and test (seeded), the catalogue unchanged."
     cut = lambda q: q if n is None or len(q) <= n else q.sample(n=n, random_state=0).sort_index().reset_index(drop=True)
     queries = {s: (cut(q) if s != "train" else q) for s, q in task.queries.items()}
     return SearchTask(task.items, queries, task.item_features, task.reviews)
 
-def _training_pairs(task: SearchTask, n: int | None) -> tuple[list, list, list]:
+def _training_pairs(task: SearchTask, n: int | None, augment: str | None = None, seed: int = 0) -> tuple[list, list, list]:
     q = task.split("train")
     if n is not None and len(q) > n:
         q = q.sample(n=n, random_state=0)
+    if augment is not None:  # only the query text changes; ids stay, and valid/test are never touched
+        from recbook.augment import augment_rows, make_augmenter
+        q = augment_rows(q, make_augmenter(augment), column="query", copies=1, seed=seed)
     doc_of = dict(zip(task.items["item_id"], task.items["document"]))
     return q["query"].tolist(), [doc_of[i] for i in q["item_id"]], q["item_id"].tolist()
 
@@ -196,8 +220,8 @@ def _candidates(config: PipelineConfig, stages: StageCache, task: SearchTask, te
     for k in sorted({k for k in sizes["layers"] if 0 < k < n_layers}, reverse=True):
         def build(folder, k=k):
             student = drop_layers(teacher, evenly_spaced(n_layers, k))
-            distill_bi_encoder(student, teacher, *_training_pairs(task, sizes["train_queries"]), epochs=sizes["epochs"],
-                               seed=config.seed, progress=progress)
+            distill_bi_encoder(student, teacher, *_training_pairs(task, sizes["train_queries"], config.augment, config.seed),
+                               epochs=sizes["epochs"], seed=config.seed, progress=progress)
             save_model(student, folder / "model")
         folders[f"{k}-layer distilled"] = stages.run(f"student-{k}", content_key(base_key, k, sizes["epochs"]), build) / "model"
     if config.int8 and get_device().type == "cpu":
@@ -207,6 +231,14 @@ def _candidates(config: PipelineConfig, stages: StageCache, task: SearchTask, te
             key = content_key(folder.parent.name, "int8+embeddings")
             folders[f"{name} + int8"] = stages.run("int8", key, build) / "model"
     return folders
+
+def _reusable_teacher(config: PipelineConfig, sizes: dict) -> Path | None:
+    "Chapter 03's cached search teacher when this run's recipe is exactly the one that trained it, else None."
+    study = STUDY_SIZES["quick" if config.quick else "full"]
+    same = (config.data is None and config.seed == 0 and config.augment is None and not config.knowledge
+            and all(sizes[k] == study[k] for k in ("train_queries", "epochs", "doc_max_length")))
+    path = teacher_path("search", config.quick, config.encoder)
+    return path if same and (path / "recbook.json").is_file() else None
 
 def _select(table: pd.DataFrame, config: PipelineConfig) -> tuple[str, dict]:
     "The chosen candidate and the rule that chose it (on validation NDCG@10 and median latency)."
@@ -231,16 +263,23 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     log.info("recbook optimize: %s", json.dumps(dataclasses.asdict(config)))
     resolve_encoder(config.encoder)  # a bad model name or folder fails here, before any work
     task = _subset(build_search_task(load_interactions(config), seed=config.seed), sizes["eval_queries"])
+    if config.knowledge:
+        task = with_knowledge(task, log)
     stages = StageCache(out / "stages", log)
     fingerprint = task_fingerprint(task)
     base = content_key(fingerprint, str(config.encoder), config.seed, sizes["train_queries"], sizes["epochs"],
-                       sizes["doc_max_length"])
+                       sizes["doc_max_length"], config.augment)
 
     def train_teacher(folder):
+        reusable = _reusable_teacher(config, sizes)
+        if reusable is not None:  # the same recipe already ran in chapter 03: its cached result is this stage's
+            shutil.copytree(reusable, folder / "model")
+            log.info("teacher: reused chapter 03's cached teacher %s", reusable)
+            return
         tokenizer, encoder = load_encoder(config.encoder)
         model = BiEncoder(encoder, tokenizer, doc_max_length=sizes["doc_max_length"])
-        train_bi_encoder(model, *_training_pairs(task, sizes["train_queries"]), epochs=sizes["epochs"], seed=config.seed,
-                         progress=progress)
+        train_bi_encoder(model, *_training_pairs(task, sizes["train_queries"], config.augment, config.seed),
+                         epochs=sizes["epochs"], seed=config.seed, progress=progress)
         save_model(model, folder / "model")
     teacher_dir = stages.run("teacher", base, train_teacher)
     candidates = _candidates(config, stages, task, teacher_dir, base, progress)
@@ -364,6 +403,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"- encoder: {c['encoder'] or 'sentence-transformers/all-MiniLM-L6-v2 (offline wheel)'}; size: {'quick' if c['quick'] else 'full'}; seed {c['seed']}",
         f"- machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}, torch {m.get('torch')}",
+        f"- steps 4-5: augmentation {c['augment'] or 'off'}; knowledge fusion {'on' if c['knowledge'] else 'off'}",
         f"- stages run: {', '.join(results['stages']['ran']) or 'none'}; reused from cache: {', '.join(results['stages']['reused']) or 'none'}",
         "", "## Candidates", "",
         "Latency: one query end to end (tokenise, encode, score the precomputed catalogue, top 10), median, p95 and "
