@@ -325,3 +325,16 @@ def test_knowledge_ranker_switches(task, tokenizer):
     assert len(losses) == 3 and gated.score(queries).shape == (3, len(task.items))
     with pytest.raises(ValueError, match="not in the catalogue"):
         gated.fit_gate(transe, entity_id, ["q"], [999999])
+
+
+def test_knowledge_rows_round_trip_through_the_bench_json(tmp_path):
+    from recbook.core import LatencyStats, load_results, save_results
+    from recbook.knowledge import knowledge_rows
+    run = lambda x: {"overall": {"ndcg@10": x, "queries": 5}, "cold-start": {"ndcg@10": x / 2, "queries": 2}}
+    latency = LatencyStats.from_samples([0.01, 0.02, 0.03], 32, torch.device("cpu"))
+    rows = knowledge_rows({"per_seed": {"plain": [run(0.4), run(0.6)]}, "latency": {"plain": latency}})
+    path = save_results(tmp_path / "knowledge.json", rows, chapter="07_knowledge")
+    loaded, rest = load_results(path)
+    assert loaded[0].name == "plain" and loaded[0].metrics["overall ndcg@10"] == pytest.approx(0.5)
+    assert loaded[0].metrics["cold-start ndcg@10 std"] == pytest.approx(np.std([0.2, 0.3], ddof=1))
+    assert loaded[0].latency.p50_ms == pytest.approx(20.0) and "machine" in rest
