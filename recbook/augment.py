@@ -643,8 +643,11 @@ def bench(out_dir, quick: bool = False, encoder: str | None = None) -> Path:
     "Run `augmentation_study` and write `out_dir/augmentation.json` (per regime and family: mean/std, gains, noise, costs)."
     rows, info = augmentation_study(quick=quick, encoder=encoder, progress=False)
     summary = augmentation_summary(rows)
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-               for r in summary.to_dict("records")]
+    records = []
+    for record in summary.to_dict("records"):  # a search row has no Spearman and `none` no gain: drop what is undefined
+        undefined = {k for k, v in record.items() if isinstance(v, float) and math.isnan(v)}
+        records.append({k: v for k, v in record.items()
+                        if k not in undefined and not (k.endswith("_std") and k[:-4] in undefined)})
     return save_results(Path(out_dir) / "augmentation.json", rows, chapter="06_augmentation", summary=records, **info)
 
 # %% ../nbs/06_augmentation.ipynb #06fd6f9a

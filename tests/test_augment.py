@@ -331,3 +331,14 @@ def test_summary_means_spreads_and_paired_gains():
 def test_study_rejects_unknown_families():
     with pytest.raises(ValueError, match="Unknown augmentation families"):
         augmentation_study(quick=True, families=["none", "mixup"], progress=False)
+
+
+def test_bench_writes_only_defined_numbers(tmp_path, monkeypatch):
+    rows = [BenchResult("none 0", {"ndcg@10": 0.4}, extra={"task": "search", "regime": 1.0, "family": "none", "seed": 0}),
+            BenchResult("s none 0", {"spearman": 0.3}, extra={"task": "scoring", "regime": 0.1, "family": "none", "seed": 0})]
+    monkeypatch.setattr(augment, "augmentation_study", lambda **kw: (rows, {"quick": True}))
+    payload = json.loads(augment.bench(tmp_path, quick=True).read_text())
+    assert payload["chapter"] == "06_augmentation" and "machine" in payload and len(payload["results"]) == 2
+    search, scoring = payload["summary"]
+    assert "spearman" not in search and "spearman_std" not in search and search["ndcg@10"] == 0.4
+    assert "ndcg@10" not in scoring and scoring["spearman"] == 0.3 and "spearman_gain" not in scoring
