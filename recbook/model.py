@@ -48,6 +48,8 @@ def resolve_encoder(name_or_path: str | Path | None = None) -> str:
 def load_encoder(name_or_path: str | Path | None = None, device=None):
     "Tokenizer and `AutoModel` for a hub name or local folder (the offline MiniLM by default), on `device`."
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a bar per load is noise in a book; recbook's own loops show progress
     source = resolve_encoder(name_or_path)
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
@@ -325,7 +327,7 @@ def scoring_report(scores: torch.Tensor, frame: pd.DataFrame) -> dict:
     if "recommended" in frame:
         labels = torch.as_tensor(frame["recommended"].to_numpy(dtype=np.float32))
         report["recommended_auc"] = float(roc_auc(scores, labels))
-        three = torch.as_tensor((frame["rating"] == 3).to_numpy())
+        three = torch.as_tensor(np.array(frame["rating"] == 3))  # a writable copy: pandas may hand out read-only views
         report["three_star_auc"] = float(roc_auc(scores[three], labels[three]))
     return report
 
