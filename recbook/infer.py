@@ -550,9 +550,9 @@ INFERENCE_SIZES = {  # teaching size, full size
     "quick": dict(catalogue=80, eval_queries=4, depths=(0, 1, 2, 5, 10, 20), latency_queries=4, repeats=3, brute_repeats=1,
                   encode_texts=None, encode_repeats=1, padding_texts=48, runtime_texts=8, clients=8, per_client=4,
                   log_queries=100, cost_scaling=(2_000, 10_000), compile=False),
-    "full": dict(catalogue=None, eval_queries=48, depths=(0, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100), latency_queries=16, repeats=12,
-                 brute_repeats=3, encode_texts=None, encode_repeats=3, padding_texts=512, runtime_texts=64, clients=32,
-                 per_client=8, log_queries=2000, cost_scaling=(10_000, 100_000), compile=True),
+    "full": dict(catalogue=None, eval_queries=32, depths=(0, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100), latency_queries=16,
+                 repeats=6, brute_repeats=3, encode_texts=None, encode_repeats=3, padding_texts=192, runtime_texts=32,
+                 clients=32, per_client=8, log_queries=600, cost_scaling=(10_000, 100_000), compile=False),
 }
 COST_SWEEP = {"flat": [{}], "hnsw": [{"ef_search": e} for e in (64, 128, 256)]}
 
