@@ -142,7 +142,8 @@ def test_load_optimized_searches_and_refuses_stale_files(finished, tmp_path):
     assert len(top) == 5 and top["score"].is_monotonic_decreasing and {"item_id", "category"} <= set(top.columns)
     several = engine.search(["black maxi dress", "jeans"], k=3)
     assert [len(t) for t in several] == [3, 3]
-    pd.testing.assert_frame_equal(several[0], engine.search("black maxi dress", k=3))
+    # int8 models quantize activations per batch, so a query's scores move slightly with its batch-mates
+    pd.testing.assert_frame_equal(several[0], engine.search("black maxi dress", k=3), rtol=1e-3)
     for bad in ["", "   ", None]:
         with pytest.raises(ValueError, match="non-empty strings"):
             engine.search(bad if bad is not None else [None])
