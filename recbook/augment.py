@@ -38,9 +38,9 @@ __all__ = ['PENN_TAG', 'AUGMENTERS', 'PROTECTED_COLUMNS', 'GENERATOR_FILE', 'GEN
            'GENERATION_SETTINGS', 'NOISE', 'AUGMENTATION_SIZES', 'text_seed', 'seeded_random', 'Augmenter',
            'wordnet_pos_tag', 'split_sentences', 'make_augmenter', 'augment_rows', 'check_no_leak',
            'generator_available', 'load_generator', 'generation_prompt', 'clean_generation', 'keep_generated',
-           'generation_cache_dir', 'generate', 'doc2query_pairs', 'garment_vocabulary_of', 'round_trip_filter',
-           'noisy_copy', 'char_error_rate', 'train_query_encoder', 'augmenter_costs', 'augmentation_study',
-           'augmentation_summary', 'bench', 'plot_augmentation']
+           'generation_cache_dir', 'generate', 'doc2query_pairs', 'round_trip_filter', 'noisy_copy', 'char_error_rate',
+           'train_query_encoder', 'augmenter_costs', 'augmentation_study', 'augmentation_summary', 'bench',
+           'plot_augmentation']
 
 # %% ../nbs/06_augmentation.ipynb #b288e1fe
 def text_seed(text: str, seed) -> int:
@@ -368,21 +368,12 @@ def doc2query_pairs(task: SearchTask, per_item: int = 1, seed: int = 0, batch_si
     classes = dict(zip(task.items["item_id"], task.items[task.item_features[0]]))
     prompts = [generation_prompt(t, classes[i]) for t, i in zip(reviews["text"], reviews["item_id"])]
     texts, stats = generate(prompts, seed=seed, batch_size=batch_size, generator=generator, progress=progress)
-    vocabulary = garment_vocabulary_of(task)
+    vocabulary = garment_vocabulary(task)
     pairs = reviews.assign(query=texts)[["query", "item_id", "interaction"]]
     kept = pairs[[keep_generated(q, vocabulary) for q in texts]].drop_duplicates(["query", "item_id"])
     features = task.items.set_index("item_id")[task.item_features]
     kept = kept.join(features, on="item_id").assign(augmented=True, generated=True).reset_index(drop=True)
     return kept, {**stats, "kept_form_filter": len(kept)}
-
-def garment_vocabulary_of(task: SearchTask) -> frozenset[str]:
-    "Chapter 02's garment vocabulary, from the fixed list and the task's item feature values."
-    from recbook.data import GARMENT_WORDS, NOT_GARMENT_WORDS, _words
-    words = set(GARMENT_WORDS)
-    for c in task.item_features:
-        for value in task.items[c].dropna().unique():
-            words.update(_words(str(value)))
-    return frozenset(words - NOT_GARMENT_WORDS)
 
 def round_trip_filter(query_emb: torch.Tensor, doc_emb: torch.Tensor, item_index: Sequence[int], top_k: int = 20) -> np.ndarray:
     "Keep a generated pair when its source item ranks in the top_k for its query (ties counted against it)."

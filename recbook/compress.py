@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,13 +17,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .core import (BenchResult, autocast, data_parallel, get_device, init_distributed, mean_over_processes,
-                          measure_latency, model_size, save_results, seed_everything)
+from .core import BenchResult, get_device, measure_latency, model_size, save_results, seed_everything
 from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
-from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _in_batch_loss, _optimizer, _scoring_inputs, _step,
-                           ensure_teacher, read_model_config, save_model, scoring_report, search_report, train_scorer)
+from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _scoring_inputs, ensure_teacher, read_model_config,
+                           save_model, scoring_report, search_report, train_bi_encoder, train_scorer)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
@@ -227,13 +223,6 @@ def distill_bi_encoder(student: BiEncoder, teacher: BiEncoder | None, queries: S
             unique_docs, which = np.unique(np.asarray(documents, dtype=object), return_inverse=True)
             t_query = teacher.encode(queries, max_length=teacher.query_max_length).to(student.device)
             t_doc = teacher.encode(list(unique_docs), max_length=teacher.doc_max_length)[torch.as_tensor(which)].to(student.device)
-    rank, size = init_distributed(student.device)
-    parallel = data_parallel(student)
-    rng = np.random.default_rng(seed)
-    steps = epochs * math.ceil(len(queries) / batch_size)
-    optimizer, scheduler = _optimizer(student, steps, lr)
-    losses = []
-    bar = tqdm(total=steps, disable=not progress or rank > 0, desc="distil" if teacher is not None else "train student")
 
     def soft(task_sum, logits, local, everyone):  # summed over this process's queries, like the task loss
         teacher_logits = t_query[torch.as_tensor(local)] @ t_doc[torch.as_tensor(everyone)].T / student.temperature
@@ -241,19 +230,9 @@ def distill_bi_encoder(student: BiEncoder, teacher: BiEncoder | None, queries: S
                       log_target=True, reduction="sum")
         return alpha * temperature ** 2 * kl + (1 - alpha) * task_sum
 
-    student.train()
-    for _ in range(epochs):
-        order = rng.permutation(len(queries))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < size:
-                continue  # with several processes, a last batch smaller than their number is dropped
-            loss = _in_batch_loss(parallel, student, idx, queries, documents, item_ids, rank, size,
-                                  extra=soft if teacher is not None else None)
-            _step(student, optimizer, scheduler, loss)
-            losses.append(mean_over_processes(loss)); bar.update()
-    bar.close(); student.eval()
-    return losses
+    return train_bi_encoder(student, queries, documents, item_ids, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                            progress=progress, extra=soft if teacher is not None else None,
+                            desc="distil" if teacher is not None else "train student")
 
 # %% ../nbs/04_compression.ipynb #e90b7a17
 def save_compressed(model: nn.Module, path: str | Path) -> Path:

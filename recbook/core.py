@@ -159,9 +159,6 @@ class ModelSize:
         return self.disk_bytes / 2**20
 
 # %% ../nbs/00_core.ipynb #ecd3d8c9
-def _tensor_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
-
 def _plain_tensors(state: dict) -> dict:
     "Contiguous, unshared copies of the tensors in a state dict, as safetensors requires."
     return {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -180,24 +177,22 @@ def disk_size(model: torch.nn.Module) -> int:
             torch.save(state, path)
         return path.stat().st_size
 
-def _packed_parameters(model: torch.nn.Module) -> int:
-    "Weights of quantized layers, which are packed buffers rather than `nn.Parameter`s."
+def _packed_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    "Weights (and biases) of quantized layers, which are packed buffers rather than `nn.Parameter`s."
     from torch.ao.nn.quantized import Embedding as QuantizedEmbedding, Linear as QuantizedLinear
-    count = 0
+    tensors = []
     for module in model.modules():
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):  # dynamic int8 Linear subclasses Linear
-            count += module.weight().numel()
             bias = module.bias() if isinstance(module, QuantizedLinear) else None
-            count += bias.numel() if bias is not None else 0
-    return count
+            tensors += [module.weight()] + ([bias] if bias is not None else [])
+    return tensors
 
 def model_size(model: torch.nn.Module) -> ModelSize:
-    "Parameters (quantized ones included), bytes in memory (parameters + buffers, or the state dict if larger), bytes on disk."
-    parameters = sum(p.numel() for p in model.parameters()) + _packed_parameters(model)
-    in_memory = sum(p.numel() * p.element_size() for p in model.parameters())
-    in_memory += sum(b.numel() * b.element_size() for b in model.buffers())
-    return ModelSize(parameters=parameters, memory_bytes=max(in_memory, _tensor_bytes(model.state_dict())),
-                     disk_bytes=disk_size(model))
+    "Parameters (quantized ones included), bytes in memory (parameters, packed weights and buffers), bytes on disk."
+    packed = _packed_tensors(model)
+    parameters = sum(p.numel() for p in model.parameters()) + sum(t.numel() for t in packed)
+    in_memory = sum(t.numel() * t.element_size() for t in [*model.parameters(), *packed, *model.buffers()])
+    return ModelSize(parameters=parameters, memory_bytes=in_memory, disk_bytes=disk_size(model))
 
 # %% ../nbs/00_core.ipynb #41963477
 @dataclass

@@ -170,11 +170,12 @@ NOT_GARMENT_WORDS = frozenset("unknown general petite trend casual fine gauge in
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z][a-z\-]+", text.lower())
 
-def garment_vocabulary(interactions: Interactions) -> frozenset[str]:
-    "Garment words: the fixed list plus every word of the item feature values (class, department...)."
+def garment_vocabulary(source: Interactions | SearchTask) -> frozenset[str]:
+    "Garment words: the fixed list plus every word of the item feature values (class, department...) of a table or a task."
+    table = source.frame if isinstance(source, Interactions) else source.items  # a SearchTask keeps its catalogue in .items
     words = set(GARMENT_WORDS)
-    for c in interactions.item_features:
-        for value in interactions.frame[c].dropna().unique():
+    for c in source.item_features:
+        for value in table[c].dropna().unique():
             words.update(_words(str(value)))
     return frozenset(words - NOT_GARMENT_WORDS)
 

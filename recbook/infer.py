@@ -472,16 +472,24 @@ def check_query(query) -> str:
 
 # %% ../nbs/05_inference.ipynb #62fe90eb
 class SearchService:
-    "Query -> ranked items: cached catalogue embeddings, a vector index for candidates, a cross-encoder rerank."
+    """Query -> ranked items: cached catalogue embeddings, a vector index for candidates, a cross-encoder rerank.
+    `columns`: item columns to return beside the scores; `embeddings`: precomputed, checked catalogue embeddings."""
     def __init__(self, encoder, items: pd.DataFrame, reranker: CrossEncoderScorer | None = None, index: str = "hnsw",
-                 cache: str | Path | None = None, query_cache_size: int = 4096, progress: bool = False, **index_knobs):
-        for column in ("item_id", "document"):
-            if column not in items:
-                raise ValueError(f"items needs an {column!r} column; it has {list(items.columns)}.")
+                 cache: str | Path | None = None, query_cache_size: int = 4096, progress: bool = False,
+                 columns: Sequence[str] = (), embeddings: torch.Tensor | None = None, **index_knobs):
+        missing = [c for c in ("item_id", "document", *columns) if c not in items]
+        if missing:
+            raise ValueError(f"items lacks the column(s) {missing}; it has {list(items.columns)}.")
         self.encoder, self.reranker = encoder, reranker
-        self.item_ids = items["item_id"].to_numpy()
-        self.documents = items["document"].tolist()
-        self.embeddings, self.from_cache = encode_catalogue(encoder, self.item_ids, self.documents, cache, progress=progress)
+        self.items, self.columns = items.reset_index(drop=True), list(columns)
+        self.item_ids = self.items["item_id"].to_numpy()
+        self.documents = self.items["document"].tolist()
+        if embeddings is None:
+            self.embeddings, self.from_cache = encode_catalogue(encoder, self.item_ids, self.documents, cache, progress=progress)
+        elif embeddings.shape[0] != len(items):
+            raise ValueError(f"{embeddings.shape[0]} embeddings for {len(items)} items.")
+        else:
+            self.embeddings, self.from_cache = embeddings.float().cpu(), True
         self.index = VectorIndex(self.embeddings, kind=index, **index_knobs)
         self.query_cache = LRUCache(query_cache_size)
 
@@ -518,7 +526,8 @@ class SearchService:
         for query, scores, positions in zip(queries, retrieved_scores, retrieved):
             keep = positions >= 0
             scores, positions = scores[keep], positions[keep]
-            frame = pd.DataFrame({"item_id": self.item_ids[positions], "retrieval_score": scores, "rerank_score": np.nan})
+            frame = pd.DataFrame({"item_id": self.item_ids[positions], **{c: self.items[c].to_numpy()[positions] for c in self.columns},
+                                  "retrieval_score": scores, "rerank_score": np.nan})
             if depth and self.reranker is not None:
                 head = min(depth, len(positions))
                 frame.loc[:head - 1, "rerank_score"] = self.rerank(query, positions[:head])
@@ -527,8 +536,10 @@ class SearchService:
             results.append(frame.head(k).reset_index(drop=True))
         return results
 
-    def search(self, query: str, k: int = 10, depth: int = 20) -> pd.DataFrame:
-        "The top `k` items for one query: item_id, retrieval_score, rerank_score (NaN where not reranked)."
+    def search(self, query: str | Sequence[str], k: int = 10, depth: int = 20) -> pd.DataFrame | list[pd.DataFrame]:
+        "The top `k` items for a query: item_id, `columns`, retrieval_score, rerank_score (NaN where not reranked); a list for a list."
+        if isinstance(query, (list, tuple)):
+            return self.search_batch(query, k, depth)
         return self.search_batch([query], k, depth)[0]
 
 # %% ../nbs/05_inference.ipynb #571a2dc4

@@ -239,8 +239,10 @@ def contrastive_loss(logits: torch.Tensor, item_ids: Sequence, doc_item_ids: Seq
 
 # %% ../nbs/03_model.ipynb #62d9863f
 def train_bi_encoder(model: BiEncoder, queries: Sequence[str], documents: Sequence[str], item_ids: Sequence,
-                     epochs: int = 1, batch_size: int = 32, lr: float = 5e-5, seed: int = 0, progress: bool = True) -> list[float]:
-    "Fine-tune a bi-encoder on (query, document) pairs with the in-batch contrastive loss; returns losses."
+                     epochs: int = 1, batch_size: int = 32, lr: float = 5e-5, seed: int = 0, progress: bool = True,
+                     extra: Callable | None = None, desc: str = "bi-encoder") -> list[float]:
+    """Fine-tune a bi-encoder on (query, document) pairs with the in-batch contrastive loss; returns losses.
+    `extra(task_sum, logits, local, everyone)` may replace the summed task loss by another (chapter 04 adds distillation)."""
     if not (len(queries) == len(documents) == len(item_ids)):
         raise ValueError("queries, documents and item_ids must have the same length.")
     seed_everything(seed)
@@ -249,7 +251,7 @@ def train_bi_encoder(model: BiEncoder, queries: Sequence[str], documents: Sequen
     order_rng = np.random.default_rng(seed)
     steps = epochs * math.ceil(len(queries) / batch_size)
     optimizer, scheduler = _optimizer(model, steps, lr)
-    losses, bar = [], tqdm(total=steps, disable=not progress or rank > 0, desc="bi-encoder")
+    losses, bar = [], tqdm(total=steps, disable=not progress or rank > 0, desc=desc)
     model.train()
     for _ in range(epochs):
         order = order_rng.permutation(len(queries))
@@ -257,7 +259,7 @@ def train_bi_encoder(model: BiEncoder, queries: Sequence[str], documents: Sequen
             idx = order[start:start + batch_size]
             if len(idx) < size:
                 continue  # with several processes, a last batch smaller than their number is dropped
-            loss = _in_batch_loss(parallel, model, idx, queries, documents, item_ids, rank, size)
+            loss = _in_batch_loss(parallel, model, idx, queries, documents, item_ids, rank, size, extra)
             _step(model, optimizer, scheduler, loss)
             losses.append(mean_over_processes(loss)); bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close(); model.eval()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, load_compressed, quantize_int8, save_compressed
 from .core import atomic_write_text, get_device, machine_info, measure_latency, model_size
 from .data import Interactions, SearchTask, _read_table, build_search_task, clothing_interactions, from_table
+from .infer import SearchService, catalogue_fingerprint, load_embeddings, model_fingerprint, save_embeddings
 from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
                            teacher_path, train_bi_encoder)
 from .objective import choose_operating_point, pareto_front, plot_pareto
@@ -31,7 +32,7 @@ from .objective import choose_operating_point, pareto_front, plot_pareto
 # %% auto #0
 __all__ = ['PIPELINE_SIZES', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
            'task_fingerprint', 'with_knowledge', 'query_latency', 'measure_candidate', 'optimize', 'export_search',
-           'OptimizedSearch', 'load_optimized', 'write_report', 'markdown_table']
+           'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
@@ -121,10 +122,10 @@ class StageCache:
         self.root, self.log = Path(root), log or logging.getLogger("recbook.pipeline")
         self.ran, self.reused = [], []
 
-    def run(self, name: str, key: str, build: Callable[[Path], None]) -> Path:
-        "The finished folder of stage `name` with `key`; builds it (atomically) if it is not there."
+    def run(self, name: str, key: str, build: Callable[[Path], None], force: bool = False) -> Path:
+        "The finished folder of stage `name` with `key`; builds it (atomically) if it is not there, or again if `force`."
         final = self.root / f"{name}-{key}"
-        if (final / "DONE").is_file():
+        if (final / "DONE").is_file() and not force:
             self.reused.append(name); self.log.info("stage %s: reused %s", name, final.name)
             return final
         self.root.mkdir(parents=True, exist_ok=True)
@@ -254,8 +255,11 @@ def _select(table: pd.DataFrame, config: PipelineConfig) -> tuple[str, dict]:
     return table.index[choose_operating_point(latency, error, budget=budget)], {**rule, "met": True}
 
 # %% ../nbs/08_pipeline.ipynb #884aa3da
-def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> dict:
-    "Run the whole pipeline into `out` (resumable), save the chosen model, write report.md / results.json / pareto.png."
+def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True,
+             remeasure: bool = False) -> dict:
+    """Run the whole pipeline into `out` (resumable), save the chosen model, write report.md / results.json / pareto.png.
+    `remeasure`: measure every candidate again (trained stages reused), to check that the reported latencies reproduce."""
+    started = time.perf_counter()
     config = (config or PipelineConfig()).check()
     out = Path(out)
     log = _logger(out)
@@ -289,7 +293,7 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
         def measure(out_folder, name=name, folder=folder):
             model = load_compressed(folder)
             atomic_write_text(out_folder / "row.json", json.dumps(measure_candidate(name, model, task, sizes["repeats"])))
-        done = stages.run("measure", content_key(folder.parent.name, fingerprint, sizes["repeats"], name), measure)
+        done = stages.run("measure", content_key(folder.parent.name, fingerprint, sizes["repeats"], name), measure, force=remeasure)
         rows.append(json.loads((done / "row.json").read_text()))
     table = pd.DataFrame(rows).set_index("name")
     table["speedup"] = table.loc["teacher", "latency_ms_p50"] / table["latency_ms_p50"]
@@ -299,78 +303,50 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     results = {"config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
                "catalogue": len(task.items), "valid_queries": len(task.split("valid")), "test_queries": len(task.split("test")),
                "variants": table.reset_index().to_dict(orient="records"), "chosen": chosen, "selection": rule,
-               "stages": {"ran": stages.ran, "reused": stages.reused}}
+               "stages": {"ran": stages.ran, "reused": stages.reused}, "wall_seconds": time.perf_counter() - started}
     write_report(results, out)
     log.info("chosen %s (%s); wrote %s", chosen, rule, out)
     return results
 
 # %% ../nbs/08_pipeline.ipynb #8abf5fa5
-def _folder_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode()); digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-def _search_fingerprint(model_dir: Path, items: pd.DataFrame) -> str:
-    return content_key(_folder_hash(model_dir), items[["item_id", "document"]].astype(str).to_csv(index=False))
-
 def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict) -> Path:
-    "Write the chosen model, the catalogue and its embeddings to `out`, atomically."
-    from safetensors.torch import save_file
+    "Write the chosen model, the catalogue and its fingerprinted embeddings (chapter 05's format) to `out`, atomically."
     out = Path(out)
     work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     try:
         shutil.copytree(model_dir, work / "model")
         model = load_compressed(work / "model")
-        items = task.items.copy()
-        items["item_id"] = items["item_id"].astype(str)
+        items = task.items.assign(item_id=task.items["item_id"].astype(str))
         items.to_parquet(work / "items.parquet")
-        embeddings = model.encode(items["document"].tolist(), max_length=model.doc_max_length).float().cpu().contiguous()
-        fingerprint = _search_fingerprint(work / "model", items)
-        save_file({"embeddings": embeddings}, str(work / "catalogue.safetensors"), metadata={"fingerprint": fingerprint})
-        (work / "search.json").write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
+        ids, documents = items["item_id"].tolist(), items["document"].tolist()
+        embeddings = model.encode(documents, max_length=model.doc_max_length).float()
+        save_embeddings(work / "catalogue.safetensors", embeddings, model_fingerprint(model),
+                        catalogue_fingerprint(ids, documents, model.doc_max_length))
+        (work / "search.json").write_text(json.dumps({**meta, "columns": list(task.item_features)}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
 
-class OptimizedSearch:
-    "A saved, chosen search model with its precomputed catalogue: `search(query)` gives the top items."
-    def __init__(self, model: BiEncoder, items: pd.DataFrame, embeddings: torch.Tensor, meta: dict):
-        self.model, self.items, self.embeddings, self.meta = model, items, embeddings.to(model.device), meta
-
-    @torch.inference_mode()
-    def search(self, queries: str | Sequence[str], k: int = 10) -> pd.DataFrame | list[pd.DataFrame]:
-        "Top-k items (item_id, score, features) for one query, or a list of such tables for several."
-        single = isinstance(queries, str)
-        texts = [queries] if single else list(queries)
-        if not all(isinstance(q, str) and q.strip() for q in texts):
-            raise ValueError("Queries must be non-empty strings.")
-        scores = self.model.encode(texts, max_length=self.model.query_max_length).float() @ self.embeddings.T
-        top = torch.topk(scores, min(k, len(self.items)), dim=1)
-        columns = ["item_id", *[c for c in self.items.columns if c not in ("item_id", "document", "popularity")]]
-        tables = [self.items.iloc[idx.cpu().numpy()][columns].assign(score=s.cpu().numpy()).reset_index(drop=True)
-                  for s, idx in zip(top.values, top.indices)]
-        return tables[0] if single else tables
-
-def load_optimized(path: str | Path, device=None) -> OptimizedSearch:
-    "The search object saved by `recbook optimize` in `path` (its `model/` folder, or the run folder)."
-    from safetensors import safe_open
+def load_optimized(path: str | Path, device=None, index: str = "exact", **index_knobs) -> SearchService:
+    "Chapter 05's `SearchService` over the model and catalogue saved by `recbook optimize` in `path` (or its `model/`)."
     path = Path(path)
     path = path / "model" if (path / "model" / "search.json").is_file() else path
     if not (path / "search.json").is_file():
         raise ValueError(f"{path} is not a folder written by `recbook optimize` (no search.json).")
+    missing = [name for name in ("model", "items.parquet", "catalogue.safetensors") if not (path / name).exists()]
+    if missing:
+        raise ValueError(f"{path} is incomplete: {missing} missing; run `recbook optimize` again.")
     meta = json.loads((path / "search.json").read_text())
     items = pd.read_parquet(path / "items.parquet")
-    with safe_open(str(path / "catalogue.safetensors"), framework="pt") as f:
-        embeddings, stored = f.get_tensor("embeddings"), f.metadata().get("fingerprint")
-    if stored != _search_fingerprint(path / "model", items) or stored != meta.get("fingerprint"):
-        raise ValueError(f"The catalogue embeddings in {path} do not match its model and items (stale or edited "
-                         f"files): run `recbook optimize` again.")
     model = load_compressed(path / "model", device=device)
-    return OptimizedSearch(model, items, embeddings, meta)
+    embeddings = load_embeddings(path / "catalogue.safetensors", model_fingerprint(model),
+                                 catalogue_fingerprint(items["item_id"].tolist(), items["document"].tolist(), model.doc_max_length))
+    service = SearchService(model, items, index=index, columns=meta.get("columns", []), embeddings=embeddings, **index_knobs)
+    service.meta = meta
+    return service
 
 # %% ../nbs/08_pipeline.ipynb #1c85bfdd
 def write_report(results: dict, out: Path) -> Path:
@@ -404,7 +380,8 @@ def write_report(results: dict, out: Path) -> Path:
         f"- machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}, torch {m.get('torch')}",
         f"- steps 4-5: augmentation {c['augment'] or 'off'}; knowledge fusion {'on' if c['knowledge'] else 'off'}",
-        f"- stages run: {', '.join(results['stages']['ran']) or 'none'}; reused from cache: {', '.join(results['stages']['reused']) or 'none'}",
+        f"- stages run: {', '.join(results['stages']['ran']) or 'none'}; reused from cache: {', '.join(results['stages']['reused']) or 'none'}"
+        f"; wall time {results.get('wall_seconds', float('nan')):.0f} s",
         "", "## Candidates", "",
         "Latency: one query end to end (tokenise, encode, score the precomputed catalogue, top 10), median, p95 and "
         "standard deviation over repeated runs after warm-up. Quality: NDCG@10 on validation (used for the choice) and on "

@@ -125,6 +125,15 @@ def test_ambiguous_titles_cannot_name_an_item(inter, search):
     assert names_a_product("Fun summer dress", vocab) and not names_a_product("Love it!", vocab)
 
 
+def test_garment_vocabulary_of_a_task_reads_its_catalogue(inter, search):
+    of_task, of_table = garment_vocabulary(search), garment_vocabulary(inter)
+    assert of_task <= of_table
+    classes = {w for value in search.items["Class Name"].dropna().unique() for w in value.lower().split()}
+    assert classes - {"fine", "gauge", "casual"} <= of_task
+    renamed = type(search)(search.items.assign(**{"Class Name": "Zorbwear"}), search.queries, search.item_features)
+    assert "zorbwear" in garment_vocabulary(renamed) and "zorbwear" not in of_task  # read from the task's own items
+
+
 def test_scoring_split_is_by_item_and_rating_is_never_an_input(inter):
     scoring = build_scoring_task(inter)
     items = [set(d["item_id"]) for d in scoring.splits.values()]

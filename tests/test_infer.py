@@ -186,6 +186,21 @@ def test_service_returns_k_items_reranked_then_retrieval_order(tiny, tiny_rerank
         SearchService(tiny, items.rename(columns={"item_id": "sku"}))
 
 
+def test_service_returns_columns_and_uses_given_embeddings(tiny):
+    items = pd.DataFrame({"item_id": range(len(DOCS)), "document": DOCS, "colour": [f"c{i}" for i in range(len(DOCS))]})
+    fresh = SearchService(tiny, items, index="exact", columns=["colour"])
+    given = SearchService(tiny, items, index="exact", columns=["colour"], embeddings=fresh.embeddings.clone())
+    result, again = fresh.search("summer dress", k=4), given.search("summer dress", k=4)
+    pd.testing.assert_frame_equal(result, again)
+    assert list(result.columns) == ["item_id", "colour", "retrieval_score", "rerank_score"]
+    assert (result["colour"] == "c" + result["item_id"].astype(str)).all()  # each row's own item's value
+    assert [len(t) for t in fresh.search(["summer dress", "jeans"], k=2)] == [2, 2]
+    with pytest.raises(ValueError, match="3 embeddings"):
+        SearchService(tiny, items, embeddings=fresh.embeddings[:3])
+    with pytest.raises(ValueError, match="colour"):
+        SearchService(tiny, items.drop(columns="colour"), columns=["colour"])
+
+
 def test_service_query_cache_counts_hits(tiny):
     items = pd.DataFrame({"item_id": range(len(DOCS)), "document": DOCS})
     service = SearchService(tiny, items, index="exact")

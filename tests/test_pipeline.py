@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from recbook.infer import SearchService, StaleCacheError
 from recbook.pipeline import (PipelineConfig, StageCache, content_key, load_config, load_optimized, markdown_table,
                               optimize)
 
@@ -97,6 +98,15 @@ def test_rerun_reuses_every_stage_and_gives_the_same_results(finished, tiny_enco
     assert [v["valid_ndcg@10"] for v in again["variants"]] == [v["valid_ndcg@10"] for v in first["variants"]]
 
 
+def test_remeasure_measures_again_and_reuses_the_training(finished, tiny_encoder, own_table, tmp_path):
+    out, first = finished
+    shutil.copytree(out, tmp_path / "out")
+    again = optimize(config_for(tiny_encoder, own_table, budget_ms=1e6), tmp_path / "out", progress=False, remeasure=True)
+    assert again["stages"]["ran"] == ["measure"] * len(first["variants"])  # every candidate measured, nothing trained
+    assert [v["valid_ndcg@10"] for v in again["variants"]] == [v["valid_ndcg@10"] for v in first["variants"]]
+    assert again["wall_seconds"] > 0 and "wall time" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(finished, tiny_encoder, own_table, tmp_path, monkeypatch):
     import recbook.pipeline as pipeline
     _, uninterrupted = finished
@@ -138,21 +148,27 @@ def test_changed_input_reruns_what_depends_on_it(finished, tiny_encoder, own_tab
 def test_load_optimized_searches_and_refuses_stale_files(finished, tmp_path):
     out, results = finished
     engine = load_optimized(out)
+    assert isinstance(engine, SearchService) and engine.meta["chosen"] == results["chosen"]
     top = engine.search("black maxi dress", k=5)
-    assert len(top) == 5 and top["score"].is_monotonic_decreasing and {"item_id", "category"} <= set(top.columns)
+    assert len(top) == 5 and top["retrieval_score"].is_monotonic_decreasing and {"item_id", "category"} <= set(top.columns)
+    scores = engine.encoder.encode(["black maxi dress"], max_length=engine.encoder.query_max_length).float() @ engine.embeddings.T
+    assert top["item_id"].tolist() == engine.items["item_id"].to_numpy()[scores[0].topk(5).indices.numpy()].tolist()
     several = engine.search(["black maxi dress", "jeans"], k=3)
     assert [len(t) for t in several] == [3, 3]
     # int8 models quantize activations per batch, so a query's scores move slightly with its batch-mates
     pd.testing.assert_frame_equal(several[0], engine.search("black maxi dress", k=3), rtol=1e-3)
-    for bad in ["", "   ", None]:
-        with pytest.raises(ValueError, match="non-empty strings"):
-            engine.search(bad if bad is not None else [None])
+    for bad, error in [("", ValueError), ("   ", ValueError), (None, TypeError), ([None], TypeError)]:
+        with pytest.raises(error, match="empty|must be a string"):
+            engine.search(bad)
     stale = tmp_path / "stale"
     shutil.copytree(out / "model", stale)
     items = pd.read_parquet(stale / "items.parquet")
     items.loc[0, "document"] = "something else"
     items.to_parquet(stale / "items.parquet")
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(StaleCacheError, match="different catalogue"):
+        load_optimized(stale)
+    (stale / "catalogue.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
         load_optimized(stale)
     with pytest.raises(ValueError, match="not a folder written by"):
         load_optimized(tmp_path)

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from recbook.index import ann_recall, clustered_vectors, exact_search
-from recbook.scale import build_in_shards, index_bytes, paper_estimate, pq_study, train_ivfpq, training_throughput
+from recbook.scale import (build_in_shards, index_bytes, paper_estimate, pq_study, refine_search, train_ivfpq,
+                           training_throughput)
 
 VECTORS = clustered_vectors(12_000, dim=32, clusters=40, seed=1)
 QUERIES = clustered_vectors(30, dim=32, clusters=40, seed=2)
@@ -34,10 +35,24 @@ def test_pq_is_small_and_recall_grows_with_nprobe():
     assert recalls == sorted(recalls) and recalls[-1] > recalls[0]
 
 
+def test_refinement_recovers_recall_and_is_exact_with_every_candidate(tmp_path):
+    merged, _ = build_in_shards(TRAINED, VECTORS, 2)
+    exact = np.asarray(exact_search(QUERIES, VECTORS, 10, device="cpu")[1])
+    merged.nprobe = 2
+    plain = ann_recall(merged.search(QUERIES, 10)[1], exact)
+    on_disk = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.float32, shape=VECTORS.shape)
+    on_disk[:] = VECTORS
+    refined = refine_search(merged, QUERIES, on_disk, 10, candidates=100)
+    assert ann_recall(refined, exact) > plain and refined.shape == (len(QUERIES), 10)
+    merged.nprobe = 16  # all cells: every vector is a candidate, refinement is exact search
+    np.testing.assert_array_equal(refine_search(merged, QUERIES, VECTORS, 10, candidates=len(VECTORS)), exact)
+
+
 def test_pq_study_table():
     table = pq_study(VECTORS, QUERIES, lists=16, ms=(4, 8), nprobes=(2, 16), shards=2, train_sample=8000)
     assert list(table["index"])[0] == "exact (float32)" and len(table) == 1 + 2 * 2
     assert table["recall@10"].between(0, 1).all() and (table["ms_per_query"] > 0).all()
+    assert (table["recall@10 refined"] >= table["recall@10"]).all()  # 100 exactly re-scored candidates include the top 10
     pq = table.dropna(subset=["m"])
     assert pq.groupby("m")["bytes_per_vector"].first().is_monotonic_increasing  # more sub-vectors, more bytes
 
