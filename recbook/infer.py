@@ -128,7 +128,7 @@ def padding_batches(lengths: Sequence[int], batch_size: int, strategy: str, max_
     if strategy not in PADDING_STRATEGIES:
         raise ValueError(f"Unknown padding strategy {strategy!r}; choose one of {PADDING_STRATEGIES}.")
     lengths = np.minimum(np.asarray(lengths), max_length)
-    order = np.argsort(lengths, kind="stable") if strategy == "sorted" else np.arange(len(lengths))
+    order = np.argsort(-lengths, kind="stable") if strategy == "sorted" else np.arange(len(lengths))  # longest first
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [(b, max_length if strategy == "fixed" else int(lengths[b].max())) for b in batches]
 
