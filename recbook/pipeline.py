@@ -120,7 +120,7 @@ class StageCache:
     "Folders of finished stages under `root`, each named `<stage>-<key>` and holding a DONE marker."
     def __init__(self, root: str | Path, log: logging.Logger | None = None):
         self.root, self.log = Path(root), log or logging.getLogger("recbook.pipeline")
-        self.ran, self.reused = [], []
+        self.ran, self.reused, self.seconds = [], [], []  # seconds: of each stage in `ran`
 
     def run(self, name: str, key: str, build: Callable[[Path], None], force: bool = False) -> Path:
         "The finished folder of stage `name` with `key`; builds it (atomically) if it is not there, or again if `force`."
@@ -139,7 +139,8 @@ class StageCache:
             os.replace(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self.ran.append(name); self.log.info("stage %s: built %s in %.1f s", name, final.name, time.perf_counter() - start)
+        self.ran.append(name); self.seconds.append(time.perf_counter() - start)
+        self.log.info("stage %s: built %s in %.1f s", name, final.name, self.seconds[-1])
         return final
 
 # %% ../nbs/08_pipeline.ipynb #cbe4c421
@@ -303,7 +304,8 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     results = {"config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
                "catalogue": len(task.items), "valid_queries": len(task.split("valid")), "test_queries": len(task.split("test")),
                "variants": table.reset_index().to_dict(orient="records"), "chosen": chosen, "selection": rule,
-               "stages": {"ran": stages.ran, "reused": stages.reused}, "wall_seconds": time.perf_counter() - started}
+               "stages": {"ran": stages.ran, "reused": stages.reused, "seconds": stages.seconds},
+               "wall_seconds": time.perf_counter() - started}
     write_report(results, out)
     log.info("chosen %s (%s); wrote %s", chosen, rule, out)
     return results
@@ -349,6 +351,9 @@ def load_optimized(path: str | Path, device=None, index: str = "exact", **index_
     return service
 
 # %% ../nbs/08_pipeline.ipynb #1c85bfdd
+def _stage_times(stages: dict) -> str:
+    return ", ".join(f"{name} ({seconds:.0f} s)" for name, seconds in zip(stages["ran"], stages.get("seconds", [])))
+
 def write_report(results: dict, out: Path) -> Path:
     "Write results.json, pareto.png and report.md into `out`."
     import matplotlib.pyplot as plt
@@ -380,7 +385,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"- machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}, torch {m.get('torch')}",
         f"- steps 4-5: augmentation {c['augment'] or 'off'}; knowledge fusion {'on' if c['knowledge'] else 'off'}",
-        f"- stages run: {', '.join(results['stages']['ran']) or 'none'}; reused from cache: {', '.join(results['stages']['reused']) or 'none'}"
+        f"- stages run: {_stage_times(results['stages']) or 'none'}; reused from cache: {', '.join(results['stages']['reused']) or 'none'}"
         f"; wall time {results.get('wall_seconds', float('nan')):.0f} s",
         "", "## Candidates", "",
         "Latency: one query end to end (tokenise, encode, score the precomputed catalogue, top 10), median, p95 and "
