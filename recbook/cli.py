@@ -63,7 +63,7 @@ def _optimize(args) -> int:
         print(f"recbook optimize: {error}", file=sys.stderr)
         return 2
     try:
-        results = optimize(config, args.out, progress=not args.no_progress, remeasure=args.remeasure)
+        results = optimize(config, args.out, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as error:  # bad data or model: named, before any long work
         print(f"recbook optimize: {error}", file=sys.stderr)
         return 2
@@ -104,8 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--quick", action="store_true", help="teaching size (a few minutes on a laptop CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--remeasure", action="store_true",
-                     help="measure every candidate again (trained stages reused): do the report's latencies reproduce?")
     run.add_argument("--out", default="runs/optimize", help="output folder (default: runs/optimize); re-running resumes")
     run.set_defaults(run=_optimize)
     search = commands.add_parser("search", help="answer queries with a model saved by `recbook optimize`")

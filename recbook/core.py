@@ -20,9 +20,9 @@ import torch
 
 # %% auto #0
 __all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'machine_info', 'LatencyStats',
-           'measure_latency', 'ModelSize', 'disk_size', 'model_size', 'BenchResult', 'atomic_write_text',
-           'save_results', 'load_results', 'data_dir', 'world', 'init_distributed', 'local_share', 'gather_rows',
-           'data_parallel', 'mean_over_processes', 'cache_dir']
+           'measure_latency', 'measure_latencies', 'ModelSize', 'disk_size', 'model_size', 'BenchResult',
+           'atomic_write_text', 'save_results', 'load_results', 'data_dir', 'world', 'init_distributed', 'local_share',
+           'gather_rows', 'data_parallel', 'mean_over_processes', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #ee57f386
 def in_test() -> bool:
@@ -145,6 +145,27 @@ def measure_latency(fn: Callable[[], Any], batch_size: int = 1, warmup: int = 3,
             _synchronize(device)
             samples.append(time.perf_counter() - start)
     return LatencyStats.from_samples(samples, batch_size, device)
+
+def measure_latencies(fns: dict[str, Callable[[], Any]], batch_size: int = 1, warmup: int = 3, repeats: int = 20,
+                      device: torch.device | str | None = None) -> dict[str, LatencyStats]:
+    """Time several functions **interleaved**: each round calls every one once, starting at a rotating position,
+    so that drift in the machine's speed (other load, clocks, caches) falls on all of them alike."""
+    if repeats < 1 or warmup < 0 or batch_size < 1 or not fns:
+        raise ValueError(f"Need functions, repeats >= 1, warmup >= 0 and batch_size >= 1, got {len(fns)}, {repeats}, {warmup}, {batch_size}.")
+    device, names = get_device(device), list(fns)
+    samples = {name: [] for name in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        _synchronize(device)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                fns[name]()
+                _synchronize(device)
+                samples[name].append(time.perf_counter() - start)
+    return {name: LatencyStats.from_samples(samples[name], batch_size, device) for name in names}
 
 # %% ../nbs/00_core.ipynb #e26e4c55
 @dataclass

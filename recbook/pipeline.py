@@ -19,10 +19,11 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, load_compressed, quantize_int8, save_compressed
-from .core import atomic_write_text, get_device, machine_info, measure_latency, model_size
+from .core import atomic_write_text, get_device, machine_info, measure_latencies, model_size
 from .data import Interactions, SearchTask, _read_table, build_search_task, clothing_interactions, from_table
 from .infer import SearchService, catalogue_fingerprint, load_embeddings, model_fingerprint, save_embeddings
 from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
@@ -31,13 +32,13 @@ from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
 __all__ = ['PIPELINE_SIZES', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
-           'task_fingerprint', 'with_knowledge', 'query_latency', 'measure_candidate', 'optimize', 'export_search',
+           'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies', 'optimize', 'export_search',
            'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
     "quick": dict(train_queries=128, eval_queries=100, epochs=1, layers=(2, 1), repeats=10, doc_max_length=64),
-    "full": dict(train_queries=None, eval_queries=None, epochs=1, layers=(3, 2, 1), repeats=30, doc_max_length=128),
+    "full": dict(train_queries=None, eval_queries=None, epochs=1, layers=(3, 2, 1), repeats=60, doc_max_length=128),
 }
 
 @dataclass
@@ -180,26 +181,30 @@ def _training_pairs(task: SearchTask, n: int | None, augment: str | None = None,
     return q["query"].tolist(), [doc_of[i] for i in q["item_id"]], q["item_id"].tolist()
 
 # %% ../nbs/08_pipeline.ipynb #3e0052fc
-def query_latency(model: BiEncoder, doc_emb: torch.Tensor, queries: Sequence[str], repeats: int, k: int = 10):
-    "Latency of one query end to end (encode, score the catalogue, top-k), cycling through `queries`."
-    texts = iter(np.resize(np.asarray(queries, dtype=object), repeats + 3))
-    def one():
-        q = model.encode([next(texts)], max_length=model.query_max_length)
-        return torch.topk(q.float() @ doc_emb.T, min(k, len(doc_emb)), dim=1)
-    return measure_latency(one, batch_size=1, warmup=3, repeats=repeats, device=model.device)
-
-def measure_candidate(name: str, model: BiEncoder, task: SearchTask, repeats: int) -> dict:
-    "Validation and test NDCG@10 and friends, query latency and size of one candidate."
-    doc_emb = model.encode(task.items["document"].tolist(), max_length=model.doc_max_length).float()
+def measure_candidate(name: str, model: BiEncoder, task: SearchTask, folder: Path | None = None) -> dict:
+    "Validation and test NDCG@10 and friends and the size of one candidate; its catalogue embeddings saved in `folder`."
+    doc_emb = model.encode(task.items["document"].tolist(), max_length=model.doc_max_length).float().cpu()
+    if folder is not None:
+        save_file({"embeddings": doc_emb.contiguous()}, str(Path(folder) / "catalogue.safetensors"))
     row = {"name": name}
     for split in ("valid", "test"):
-        scores = model.encode(task.split(split)["query"].tolist(), max_length=model.query_max_length).float() @ doc_emb.T
+        scores = model.encode(task.split(split)["query"].tolist(), max_length=model.query_max_length).float().cpu() @ doc_emb.T
         row.update({f"{split}_{k}": v for k, v in search_report(scores, task, split).items()})
-    latency = query_latency(model, doc_emb, task.split("valid")["query"].tolist(), repeats)
     size = model_size(model)
-    row.update(latency_ms_p50=latency.p50_ms, latency_ms_p95=latency.p95_ms, latency_ms_std=latency.std_ms,
-               throughput=latency.throughput, params=size.parameters, size_mb=size.disk_mb)
-    return row
+    return {**row, "params": size.parameters, "size_mb": size.disk_mb}
+
+def query_latencies(models: dict[str, BiEncoder], catalogues: dict[str, torch.Tensor], queries: Sequence[str],
+                    repeats: int, k: int = 10) -> dict[str, dict]:
+    "Per-query latency of each model end to end (encode, score its catalogue, top-k), all timed interleaved."
+    def one(model, doc_emb):
+        texts = iter(np.resize(np.asarray(queries, dtype=object), repeats + 3))  # warm-up and timed calls
+        return lambda: torch.topk(model.encode([next(texts)], max_length=model.query_max_length).float() @ doc_emb.T,
+                                  min(k, len(doc_emb)), dim=1)
+    device = next(iter(models.values())).device
+    stats = measure_latencies({name: one(model, catalogues[name].to(device)) for name, model in models.items()},
+                              warmup=3, repeats=repeats, device=device)
+    return {name: {"latency_ms_p50": st.p50_ms, "latency_ms_p95": st.p95_ms, "latency_ms_std": st.std_ms,
+                   "throughput": st.throughput} for name, st in stats.items()}
 
 # %% ../nbs/08_pipeline.ipynb #2f3fb2fe
 def _logger(out: Path) -> logging.Logger:
@@ -256,10 +261,9 @@ def _select(table: pd.DataFrame, config: PipelineConfig) -> tuple[str, dict]:
     return table.index[choose_operating_point(latency, error, budget=budget)], {**rule, "met": True}
 
 # %% ../nbs/08_pipeline.ipynb #884aa3da
-def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True,
-             remeasure: bool = False) -> dict:
+def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> dict:
     """Run the whole pipeline into `out` (resumable), save the chosen model, write report.md / results.json / pareto.png.
-    `remeasure`: measure every candidate again (trained stages reused), to check that the reported latencies reproduce."""
+    Trained and measured stages are cached; latency is measured again, interleaved, on every run."""
     started = time.perf_counter()
     config = (config or PipelineConfig()).check()
     out = Path(out)
@@ -289,14 +293,20 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     teacher_dir = stages.run("teacher", base, train_teacher)
     candidates = _candidates(config, stages, task, teacher_dir, base, progress)
 
-    rows = []
+    rows, catalogues = [], {}
     for name, folder in tqdm(candidates.items(), desc="measure", disable=not progress):
         def measure(out_folder, name=name, folder=folder):
-            model = load_compressed(folder)
-            atomic_write_text(out_folder / "row.json", json.dumps(measure_candidate(name, model, task, sizes["repeats"])))
-        done = stages.run("measure", content_key(folder.parent.name, fingerprint, sizes["repeats"], name), measure, force=remeasure)
+            row = measure_candidate(name, load_compressed(folder), task, out_folder)
+            atomic_write_text(out_folder / "row.json", json.dumps(row))
+        done = stages.run("measure", content_key(folder.parent.name, fingerprint, name, "quality-v2"), measure)
         rows.append(json.loads((done / "row.json").read_text()))
-    table = pd.DataFrame(rows).set_index("name")
+        catalogues[name] = load_file(str(done / "catalogue.safetensors"))["embeddings"]
+    models = {name: load_compressed(folder) for name, folder in candidates.items()}
+    latency = query_latencies(models, catalogues, task.split("valid")["query"].tolist(), sizes["repeats"])
+    log.info("latency measured interleaved, %d rounds: %s", sizes["repeats"],
+             {name: round(v["latency_ms_p50"], 2) for name, v in latency.items()})
+    del models
+    table = pd.DataFrame([{**row, **latency[row["name"]]} for row in rows]).set_index("name")
     table["speedup"] = table.loc["teacher", "latency_ms_p50"] / table["latency_ms_p50"]
     table["retained"] = table["valid_ndcg@10"] / table.loc["teacher", "valid_ndcg@10"]
     chosen, rule = _select(table, config)
@@ -389,8 +399,8 @@ def write_report(results: dict, out: Path) -> Path:
         f"; wall time {results.get('wall_seconds', float('nan')):.0f} s",
         "", "## Candidates", "",
         "Latency: one query end to end (tokenise, encode, score the precomputed catalogue, top 10), median, p95 and "
-        "standard deviation over repeated runs after warm-up. Quality: NDCG@10 on validation (used for the choice) and on "
-        "test (reported only).", "",
+        "standard deviation over repeated rounds after warm-up; measured on every run, all candidates interleaved round by "
+        "round. Quality: NDCG@10 on validation (used for the choice) and on test (reported only).", "",
         markdown_table(shown), "",
         "## Choice", "",
         f"**{results['chosen']}**: {why}. Test NDCG@10 {best['test_ndcg@10']:.3f} against the teacher's "

@@ -98,12 +98,17 @@ def test_rerun_reuses_every_stage_and_gives_the_same_results(finished, tiny_enco
     assert [v["valid_ndcg@10"] for v in again["variants"]] == [v["valid_ndcg@10"] for v in first["variants"]]
 
 
-def test_remeasure_measures_again_and_reuses_the_training(finished, tiny_encoder, own_table, tmp_path):
+def test_rerun_times_latency_again_interleaved(finished, tiny_encoder, own_table, tmp_path, monkeypatch):
+    import recbook.pipeline as pipeline
     out, first = finished
     shutil.copytree(out, tmp_path / "out")
-    again = optimize(config_for(tiny_encoder, own_table, budget_ms=1e6), tmp_path / "out", progress=False, remeasure=True)
-    assert again["stages"]["ran"] == ["measure"] * len(first["variants"])  # every candidate measured, nothing trained
-    assert [v["valid_ndcg@10"] for v in again["variants"]] == [v["valid_ndcg@10"] for v in first["variants"]]
+    timed = []
+    real = pipeline.measure_latencies
+    monkeypatch.setattr(pipeline, "measure_latencies", lambda fns, **kw: (timed.append(sorted(fns)), real(fns, **kw))[1])
+    again = optimize(config_for(tiny_encoder, own_table, budget_ms=1e6), tmp_path / "out", progress=False)
+    assert again["stages"]["ran"] == []  # nothing trained or evaluated again...
+    assert timed == [sorted(v["name"] for v in first["variants"])]  # ...but every candidate timed, in one interleaved call
+    assert [v["latency_ms_p50"] for v in again["variants"]] != [v["latency_ms_p50"] for v in first["variants"]]
     assert again["wall_seconds"] > 0 and "wall time" in (tmp_path / "out" / "report.md").read_text()
 
 
