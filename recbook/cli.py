@@ -71,9 +71,14 @@ def _optimize(args) -> int:
     return 0
 
 def _search(args) -> int:
+    from recbook.infer import StaleCacheError
     from recbook.pipeline import load_optimized
-    engine = load_optimized(args.folder)
-    for query, table in zip(args.queries, engine.search(args.queries, k=args.k)):
+    try:
+        tables = load_optimized(args.folder).search(args.queries, k=args.k)
+    except (ValueError, StaleCacheError) as error:  # not an export, incomplete, stale, or an empty query: say so
+        print(f"recbook search: {error}", file=sys.stderr)
+        return 2
+    for query, table in zip(args.queries, tables):
         print(f"# {query}")
         print(table.dropna(axis=1, how="all").to_string(index=False))  # no reranker: no rerank_score column
     return 0

@@ -538,8 +538,8 @@ class SearchService:
 
     def search(self, query: str | Sequence[str], k: int = 10, depth: int = 20) -> pd.DataFrame | list[pd.DataFrame]:
         "The top `k` items for a query: item_id, `columns`, retrieval_score, rerank_score (NaN where not reranked); a list for a list."
-        if isinstance(query, (list, tuple)):
-            return self.search_batch(query, k, depth)
+        if isinstance(query, (list, tuple, np.ndarray, pd.Series)):
+            return self.search_batch(list(query), k, depth)
         return self.search_batch([query], k, depth)[0]
 
 # %% ../nbs/05_inference.ipynb #571a2dc4

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, load_compressed, quantize_int8, save_compressed
 from .core import atomic_write_text, get_device, machine_info, measure_latencies, model_size
 from .data import Interactions, SearchTask, _read_table, build_search_task, clothing_interactions, from_table
-from .infer import SearchService, catalogue_fingerprint, load_embeddings, model_fingerprint, save_embeddings
+from .infer import (SearchService, StaleCacheError, catalogue_fingerprint, load_embeddings, model_fingerprint,
+                           save_embeddings)
 from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
                            teacher_path, train_bi_encoder)
 from .objective import choose_operating_point, pareto_front, plot_pareto
@@ -123,10 +124,10 @@ class StageCache:
         self.root, self.log = Path(root), log or logging.getLogger("recbook.pipeline")
         self.ran, self.reused, self.seconds = [], [], []  # seconds: of each stage in `ran`
 
-    def run(self, name: str, key: str, build: Callable[[Path], None], force: bool = False) -> Path:
-        "The finished folder of stage `name` with `key`; builds it (atomically) if it is not there, or again if `force`."
+    def run(self, name: str, key: str, build: Callable[[Path], None]) -> Path:
+        "The finished folder of stage `name` with `key`; builds it (atomically) if it is not there."
         final = self.root / f"{name}-{key}"
-        if (final / "DONE").is_file() and not force:
+        if (final / "DONE").is_file():
             self.reused.append(name); self.log.info("stage %s: reused %s", name, final.name)
             return final
         self.root.mkdir(parents=True, exist_ok=True)
@@ -200,8 +201,8 @@ def query_latencies(models: dict[str, BiEncoder], catalogues: dict[str, torch.Te
         texts = iter(np.resize(np.asarray(queries, dtype=object), repeats + 3))  # warm-up and timed calls
         return lambda: torch.topk(model.encode([next(texts)], max_length=model.query_max_length).float() @ doc_emb.T,
                                   min(k, len(doc_emb)), dim=1)
-    device = next(iter(models.values())).device
-    stats = measure_latencies({name: one(model, catalogues[name].to(device)) for name, model in models.items()},
+    device = next(iter(models.values())).device  # candidates share the pipeline's device (int8 ones exist only on CPU)
+    stats = measure_latencies({name: one(model, catalogues[name].to(model.device)) for name, model in models.items()},
                               warmup=3, repeats=repeats, device=device)
     return {name: {"latency_ms_p50": st.p50_ms, "latency_ms_p95": st.p95_ms, "latency_ms_std": st.std_ms,
                    "throughput": st.throughput} for name, st in stats.items()}
@@ -354,8 +355,11 @@ def load_optimized(path: str | Path, device=None, index: str = "exact", **index_
     meta = json.loads((path / "search.json").read_text())
     items = pd.read_parquet(path / "items.parquet")
     model = load_compressed(path / "model", device=device)
-    embeddings = load_embeddings(path / "catalogue.safetensors", model_fingerprint(model),
-                                 catalogue_fingerprint(items["item_id"].tolist(), items["document"].tolist(), model.doc_max_length))
+    try:
+        embeddings = load_embeddings(path / "catalogue.safetensors", model_fingerprint(model),
+                                     catalogue_fingerprint(items["item_id"].tolist(), items["document"].tolist(), model.doc_max_length))
+    except StaleCacheError as error:
+        raise StaleCacheError(f"{error} Stale or edited files (or an older recbook's export): run `recbook optimize` again.") from None
     service = SearchService(model, items, index=index, columns=meta.get("columns", []), embeddings=embeddings, **index_knobs)
     service.meta = meta
     return service

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from recbook import core
 from recbook.core import (BenchResult, LatencyStats, ModelSize, atomic_write_text, get_device, load_results,
-                          measure_latency, model_size, pick_size, save_results, seed_everything)
+                          measure_latencies, measure_latency, model_size, pick_size, save_results, seed_everything)
 
 
 def test_device_override_and_errors(monkeypatch):
@@ -140,3 +140,21 @@ def test_model_size_counts_quantized_weights():
         small = quantize_dynamic(model, {torch.nn.Linear: default_dynamic_qconfig,
                                          torch.nn.Embedding: float_qparams_weight_only_qconfig}, dtype=torch.qint8)
     assert model_size(model).parameters == model_size(small).parameters == 10 * 4 + 4 * 3 + 3
+
+
+@given(n=st.integers(1, 5), warmup=st.integers(0, 3), repeats=st.integers(1, 7))
+@settings(max_examples=25, deadline=None)
+def test_measure_latencies_interleaves_with_a_rotating_start(n, warmup, repeats):
+    calls = []
+    fns = {f"f{i}": (lambda i=i: calls.append(i)) for i in range(n)}
+    stats = measure_latencies(fns, warmup=warmup, repeats=repeats, device="cpu")
+    assert [s.repeats for s in stats.values()] == [repeats] * n and list(stats) == list(fns)
+    assert calls[: warmup * n] == list(range(n)) * warmup  # warm-up rounds in order
+    timed = calls[warmup * n:]
+    for r in range(repeats):  # each timed round calls every function once, starting at r mod n
+        assert timed[r * n:(r + 1) * n] == [(r + j) % n for j in range(n)]
+
+
+def test_measure_latencies_rejects_nothing_to_time():
+    with pytest.raises(ValueError, match="Need functions"):
+        measure_latencies({}, device="cpu")

@@ -170,7 +170,7 @@ def test_load_optimized_searches_and_refuses_stale_files(finished, tmp_path):
     items = pd.read_parquet(stale / "items.parquet")
     items.loc[0, "document"] = "something else"
     items.to_parquet(stale / "items.parquet")
-    with pytest.raises(StaleCacheError, match="different catalogue"):
+    with pytest.raises(StaleCacheError, match="different catalogue.*run `recbook optimize` again"):
         load_optimized(stale)
     (stale / "catalogue.safetensors").unlink()
     with pytest.raises(ValueError, match="incomplete"):
@@ -194,6 +194,10 @@ def test_cli_optimize_rejects_bad_columns_and_search_answers(finished, own_table
     out, _ = finished
     answer = run("search", str(out), "black maxi dress", "-k", "2")
     assert answer.returncode == 0 and answer.stdout.startswith("# black maxi dress")
+    assert "retrieval_score" in answer.stdout and "rerank_score" not in answer.stdout  # no reranker: no empty column
+    for args, message in [((str(tmp_path), "dress"), "not a folder written by"), ((str(out), "  "), "empty")]:
+        refused = run("search", *args)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_augmentation_and_knowledge_switches(tiny_encoder, own_table, tmp_path, finished):
