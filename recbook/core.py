@@ -131,34 +131,22 @@ def _synchronize(device: torch.device):
 def measure_latency(fn: Callable[[], Any], batch_size: int = 1, warmup: int = 3, repeats: int = 20,
                     device: torch.device | str | None = None) -> LatencyStats:
     "Time `fn()` after `warmup` calls, `repeats` times, under `torch.inference_mode`."
-    if repeats < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError(f"Need repeats >= 1, warmup >= 0 and batch_size >= 1, got {repeats}, {warmup}, {batch_size}.")
-    device = get_device(device)
-    samples = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _synchronize(device)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _synchronize(device)
-            samples.append(time.perf_counter() - start)
-    return LatencyStats.from_samples(samples, batch_size, device)
+    return measure_latencies({"fn": fn}, batch_size, warmup, repeats, device)["fn"]
 
 def measure_latencies(fns: dict[str, Callable[[], Any]], batch_size: int = 1, warmup: int = 3, repeats: int = 20,
                       device: torch.device | str | None = None) -> dict[str, LatencyStats]:
     """Time several functions **interleaved**: each round calls every one once, starting at a rotating position,
     so that drift in the machine's speed (other load, clocks, caches) falls on all of them alike."""
     if repeats < 1 or warmup < 0 or batch_size < 1 or not fns:
-        raise ValueError(f"Need functions, repeats >= 1, warmup >= 0 and batch_size >= 1, got {len(fns)}, {repeats}, {warmup}, {batch_size}.")
+        raise ValueError(f"Need functions, repeats >= 1, warmup >= 0 and batch_size >= 1, "
+                         f"got {len(fns)}, {repeats}, {warmup}, {batch_size}.")
     device, names = get_device(device), list(fns)
     samples = {name: [] for name in names}
     with torch.inference_mode():
         for _ in range(warmup):
             for name in names:
                 fns[name]()
-        _synchronize(device)
+        _synchronize(device)  # queued GPU work must not leak into the first timed call
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 start = time.perf_counter()

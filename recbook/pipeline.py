@@ -311,7 +311,8 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     table["speedup"] = table.loc["teacher", "latency_ms_p50"] / table["latency_ms_p50"]
     table["retained"] = table["valid_ndcg@10"] / table.loc["teacher", "valid_ndcg@10"]
     chosen, rule = _select(table, config)
-    export_search(candidates[chosen], task, out / "model", {"chosen": chosen, "task_fingerprint": fingerprint})
+    export_search(candidates[chosen], task, out / "model", {"chosen": chosen, "task_fingerprint": fingerprint},
+                  catalogues[chosen])  # encoded by the chosen model in its quality stage
     results = {"config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
                "catalogue": len(task.items), "valid_queries": len(task.split("valid")), "test_queries": len(task.split("test")),
                "variants": table.reset_index().to_dict(orient="records"), "chosen": chosen, "selection": rule,
@@ -322,8 +323,9 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     return results
 
 # %% ../nbs/08_pipeline.ipynb #8abf5fa5
-def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict) -> Path:
-    "Write the chosen model, the catalogue and its fingerprinted embeddings (chapter 05's format) to `out`, atomically."
+def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict, embeddings: torch.Tensor | None = None) -> Path:
+    """Write the chosen model, the catalogue and its fingerprinted embeddings (chapter 05's format) to `out`, atomically.
+    `embeddings`: the catalogue already encoded by this model (else it is encoded here)."""
     out = Path(out)
     work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(work, ignore_errors=True)
@@ -333,7 +335,8 @@ def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict) -> P
         items = task.items.assign(item_id=task.items["item_id"].astype(str))
         items.to_parquet(work / "items.parquet")
         ids, documents = items["item_id"].tolist(), items["document"].tolist()
-        embeddings = model.encode(documents, max_length=model.doc_max_length).float()
+        if embeddings is None:
+            embeddings = model.encode(documents, max_length=model.doc_max_length).float()
         save_embeddings(work / "catalogue.safetensors", embeddings, model_fingerprint(model),
                         catalogue_fingerprint(ids, documents, model.doc_max_length))
         (work / "search.json").write_text(json.dumps({**meta, "columns": list(task.item_features)}, indent=2))
