@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'machine_info', 'LatencyStats',
-           'measure_latency', 'measure_latencies', 'ModelSize', 'disk_size', 'model_size', 'BenchResult',
-           'atomic_write_text', 'save_results', 'load_results', 'data_dir', 'world', 'init_distributed', 'local_share',
-           'gather_rows', 'data_parallel', 'mean_over_processes', 'cache_dir']
+__all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'machine_info',
+           'median_interval', 'LatencyStats', 'measure_latency', 'measure_latencies', 'ModelSize', 'disk_size',
+           'model_size', 'BenchResult', 'atomic_write_text', 'save_results', 'load_results', 'data_dir', 'world',
+           'init_distributed', 'local_share', 'gather_rows', 'data_parallel', 'mean_over_processes', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #ee57f386
 def in_test() -> bool:
@@ -97,6 +97,13 @@ def machine_info(device: torch.device | None = None) -> dict:
     return info
 
 # %% ../nbs/00_core.ipynb #3f1f6105
+def median_interval(ms: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    "A distribution-free confidence interval for the median (order statistics; the whole range below 6 samples)."
+    from scipy.stats import quantile_test
+    ms = np.asarray(ms, dtype=float)
+    low, high = quantile_test(ms, p=0.5).confidence_interval(confidence) if len(ms) >= 6 else (np.nan, np.nan)
+    return (float(ms.min()), float(ms.max())) if np.isnan(low) or np.isnan(high) else (float(low), float(high))
+
 @dataclass
 class LatencyStats:
     "Latency of repeated calls, in milliseconds, with the context needed to read it."
@@ -110,16 +117,20 @@ class LatencyStats:
     throughput: float  # items per second at the median latency
     device: str
     threads: int
+    p50_low_ms: float = float("nan")   # 95% interval of the median (see `median_interval`)
+    p50_high_ms: float = float("nan")
 
     @classmethod
     def from_samples(cls, seconds: list[float], batch_size: int, device: torch.device) -> "LatencyStats":
         "Summarise raw per-call timings in seconds."
         ms = np.asarray(seconds) * 1e3
         p50 = float(np.median(ms))
+        low, high = median_interval(ms)
         return cls(p50_ms=p50, p95_ms=float(np.percentile(ms, 95)), mean_ms=float(ms.mean()),
                    std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, min_ms=float(ms.min()),
                    repeats=len(ms), batch_size=batch_size, throughput=batch_size / (p50 / 1e3),
-                   device=str(device), threads=torch.get_num_threads())
+                   device=str(device), threads=torch.get_num_threads(), p50_low_ms=low, p50_high_ms=high)
+
 
 # %% ../nbs/00_core.ipynb #741be799
 def _synchronize(device: torch.device):
@@ -129,14 +140,16 @@ def _synchronize(device: torch.device):
         torch.mps.synchronize()
 
 def measure_latency(fn: Callable[[], Any], batch_size: int = 1, warmup: int = 3, repeats: int = 20,
-                    device: torch.device | str | None = None) -> LatencyStats:
+                    device: torch.device | str | None = None, clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
     "Time `fn()` after `warmup` calls, `repeats` times, under `torch.inference_mode`."
-    return measure_latencies({"fn": fn}, batch_size, warmup, repeats, device)["fn"]
+    return measure_latencies({"fn": fn}, batch_size, warmup, repeats, device, clock)["fn"]
 
 def measure_latencies(fns: dict[str, Callable[[], Any]], batch_size: int = 1, warmup: int = 3, repeats: int = 20,
-                      device: torch.device | str | None = None) -> dict[str, LatencyStats]:
+                      device: torch.device | str | None = None,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, LatencyStats]:
     """Time several functions **interleaved**: each round calls every one once, starting at a rotating position,
-    so that drift in the machine's speed (other load, clocks, caches) falls on all of them alike."""
+    so that drift in the machine's speed (other load, clocks, caches) falls on all of them alike.
+    `clock` returns seconds; tests pass a fake one."""
     if repeats < 1 or warmup < 0 or batch_size < 1 or not fns:
         raise ValueError(f"Need functions, repeats >= 1, warmup >= 0 and batch_size >= 1, "
                          f"got {len(fns)}, {repeats}, {warmup}, {batch_size}.")
@@ -149,10 +162,10 @@ def measure_latencies(fns: dict[str, Callable[[], Any]], batch_size: int = 1, wa
         _synchronize(device)  # queued GPU work must not leak into the first timed call
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
+                start = clock()
                 fns[name]()
                 _synchronize(device)
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(clock() - start)
     return {name: LatencyStats.from_samples(samples[name], batch_size, device) for name in names}
 
 # %% ../nbs/00_core.ipynb #e26e4c55

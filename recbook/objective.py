@@ -67,8 +67,9 @@ def results_to_points(results: Sequence[BenchResult], metric: str) -> tuple[list
 def plot_pareto(names: Sequence[str], latency: Sequence[float], error: Sequence[float],
                 budget: float | None = None, chosen: int | None = None, ax=None,
                 xlabel: str = "latency (ms, median)", ylabel: str = "error (1 - quality)", title: str | None = None,
-                logx: bool = False):
-    "Scatter (latency, error) points, draw their Pareto frontier, a latency budget and a chosen point."
+                logx: bool = False, numbered: bool = False):
+    """Scatter (latency, error) points, draw their Pareto frontier, a latency budget and a chosen point.
+    `numbered`: label points 1, 2, ... with a key beside the axes (names of near points would overlap)."""
     import matplotlib.pyplot as plt
     t, e = np.asarray(latency, dtype=float), np.asarray(error, dtype=float)
     front = pareto_front(t, e)
@@ -78,15 +79,22 @@ def plot_pareto(names: Sequence[str], latency: Sequence[float], error: Sequence[
     ax.scatter(t[~on_front], e[~on_front], color="0.6", label="dominated", zorder=2)
     ax.scatter(t[front], e[front], color="C0", label="Pareto frontier", zorder=3)
     ax.step(t[front], e[front], where="post", color="C0", alpha=0.6)
-    for name, x, y in zip(names, t, e):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for i, (name, x, y) in enumerate(zip(names, t, e)):
+        ax.annotate(str(i + 1) if numbered else name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if numbered:
+        ax.text(1.02, 1.0, "\n".join(f"{i + 1}  {name}" for i, name in enumerate(names)), transform=ax.transAxes,
+                va="top", ha="left", fontsize=8)
     if budget is not None:
         ax.axvline(budget, color="C3", linestyle="--", label=f"budget {budget:g}")
     if chosen is not None:
         ax.scatter([t[chosen]], [e[chosen]], s=220, facecolors="none", edgecolors="C3", linewidths=2,
                    label=f"chosen: {names[chosen]}", zorder=4)
-    if logx:
+    if logx:  # plain numbers at 1-2-5 steps: the default labels collide on a narrow range
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     return ax

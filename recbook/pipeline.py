@@ -29,11 +29,12 @@ from .infer import (SearchService, StaleCacheError, catalogue_fingerprint, load_
                            save_embeddings)
 from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
                            teacher_path, train_bi_encoder)
-from .objective import choose_operating_point, pareto_front, plot_pareto
+from .objective import plot_pareto
 
 # %% auto #0
-__all__ = ['PIPELINE_SIZES', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
-           'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies', 'optimize', 'export_search',
+__all__ = ['PIPELINE_SIZES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
+           'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies', 'OutputFolderError',
+           'is_run_folder', 'claim_run_folder', 'optimize', 'export_search', 'publish_export', 'current_export',
            'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
@@ -204,8 +205,9 @@ def query_latencies(models: dict[str, BiEncoder], catalogues: dict[str, torch.Te
     device = next(iter(models.values())).device  # candidates share the pipeline's device (int8 ones exist only on CPU)
     stats = measure_latencies({name: one(model, catalogues[name].to(model.device)) for name, model in models.items()},
                               warmup=3, repeats=repeats, device=device)
-    return {name: {"latency_ms_p50": st.p50_ms, "latency_ms_p95": st.p95_ms, "latency_ms_std": st.std_ms,
-                   "throughput": st.throughput} for name, st in stats.items()}
+    return {name: {"latency_ms_p50": st.p50_ms, "latency_ms_low": st.p50_low_ms, "latency_ms_high": st.p50_high_ms,
+                   "latency_ms_p95": st.p95_ms, "latency_ms_std": st.std_ms, "throughput": st.throughput}
+            for name, st in stats.items()}
 
 # %% ../nbs/08_pipeline.ipynb #2f3fb2fe
 def _logger(out: Path) -> logging.Logger:
@@ -248,26 +250,104 @@ def _reusable_teacher(config: PipelineConfig, sizes: dict) -> Path | None:
     path = teacher_path("search", config.quick, config.encoder)
     return path if same and (path / "recbook.json").is_file() else None
 
+def _preferred(table: pd.DataFrame, names: Sequence[str]) -> str:
+    "Among candidates that tie within noise: the higher validation NDCG@10, then the smaller file, then the name."
+    return min(names, key=lambda n: (-table.loc[n, "valid_ndcg@10"], table.loc[n, "size_mb"], n))
+
+def _overlap(low: pd.Series, high: pd.Series, name: str) -> list[str]:
+    "The candidates whose interval [low, high] overlaps that of `name` (itself included)."
+    return [n for n in low.index if low[n] <= high[name] and low[name] <= high[n]]
+
 def _select(table: pd.DataFrame, config: PipelineConfig) -> tuple[str, dict]:
-    "The chosen candidate and the rule that chose it (on validation NDCG@10 and median latency)."
-    latency, error = table["latency_ms_p50"].to_numpy(), 1 - table["valid_ndcg@10"].to_numpy()
+    """The chosen candidate and the rule that chose it, on validation NDCG@10 and median latency, stable under noise:
+    candidates whose objective intervals overlap are a tie, and a tie goes to the more accurate, then the smaller."""
+    error = 1 - table["valid_ndcg@10"]
+    p50, low, high = table["latency_ms_p50"], table["latency_ms_low"], table["latency_ms_high"]
     if config.lam is not None:
-        rule = {"rule": "lambda", "lam": config.lam}
-        return table.index[choose_operating_point(latency, error, lam=config.lam)], rule
-    budget = config.budget_ms if config.budget_ms is not None else float(table.loc["teacher", "latency_ms_p50"]) / config.speedup
+        objective = lambda t: error + config.lam * t
+        ties = _overlap(objective(low), objective(high), objective(p50).idxmin())
+        chosen = _preferred(table, ties)
+        return chosen, {"rule": "lambda", "lam": config.lam, "met": True, "within_noise": sorted(set(ties) - {chosen})}
+    budget = config.budget_ms if config.budget_ms is not None else float(p50["teacher"]) / config.speedup
     rule = {"rule": "budget", "budget_ms": budget, **({} if config.budget_ms else {"speedup": config.speedup})}
-    if latency.min() > budget:
-        fastest = table.index[int(np.argmin(latency))]
-        return fastest, {**rule, "met": False, "note": f"no candidate meets {budget:.3g} ms; the fastest is chosen"}
-    return table.index[choose_operating_point(latency, error, budget=budget)], {**rule, "met": True}
+    feasible = [n for n in table.index if p50[n] <= budget]
+    if not feasible:  # the fastest, or whatever is as fast within noise
+        ties = _overlap(low, high, p50.idxmin())
+        chosen = _preferred(table, ties)
+        return chosen, {**rule, "met": False, "within_noise": sorted(set(ties) - {chosen}),
+                        "note": f"no candidate meets {budget:.3g} ms; the fastest is chosen"}
+    best = error[feasible].min()
+    ties = [n for n in feasible if error[n] <= best + 1e-12]  # quality is deterministic: only exact ties
+    chosen = _preferred(table, ties)
+    borderline = [n for n in table.index if n not in feasible and low[n] <= budget and error[n] < error[chosen]]
+    return chosen, {**rule, "met": True, "within_noise": sorted(set(ties) - {chosen}), "borderline": borderline,
+                    "budget_used": float(p50[chosen] / budget)}
+
+# %% ../nbs/08_pipeline.ipynb #4bd6c400
+class OutputFolderError(ValueError):
+    "The output folder cannot hold a run: it holds someone else's files, it is a file, or it cannot be written."
+
+RUN_MARKER = ".recbook-run"  # written first into every run folder: what carries it, recbook wrote
+_OWN_TEMPORARIES = (".pareto.png.", ".results.json.", ".report.md.", f"{RUN_MARKER}.")
+
+def is_run_folder(out: str | Path) -> bool:
+    "True for a folder written by `recbook optimize`: its marker, or the results.json and stages/ of an older recbook."
+    out = Path(out)
+    if (out / RUN_MARKER).is_file():
+        return True
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "stages").is_dir() and isinstance(earlier, dict) and {"config", "chosen", "stages"} <= set(earlier)
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+def _debris(out: Path) -> list[Path]:
+    "Temporaries of killed runs: recbook's own `.tmp` names in `out`, stages/ and models/, whose writer is not alive."
+    found = [p for p in out.glob(".*.tmp") if p.name.startswith(_OWN_TEMPORARIES)]
+    found += [*out.glob("stages/.*.tmp"), *out.glob("models/.*.tmp")]  # these two folders hold only recbook's files
+    def dead(p):
+        pid = p.name.rsplit(".", 2)[-2]
+        return not pid.isdigit() or (int(pid) != os.getpid() and not _alive(int(pid)))
+    return [p for p in found if dead(p)]
+
+def claim_run_folder(out: str | Path) -> Path:
+    """Make `out` a run folder: create it, or take an empty one or an earlier run's; refuse anything else.
+    Removes what killed runs left half-written. recbook never deletes or overwrites a file it did not write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out} is a file, not a folder: give --out a new or empty folder for the run.")
+    if out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
+        raise OutputFolderError(f"{out} is not empty and was not written by `recbook optimize`, and recbook never "
+                                f"overwrites files it did not write: give --out a new or empty folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_MARKER).is_file():
+            from recbook import __version__
+            atomic_write_text(out / RUN_MARKER, json.dumps({"written_by": "recbook optimize", "recbook": __version__}))
+        for path in _debris(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    except OSError as error:
+        raise OutputFolderError(f"Cannot write the run folder {out} ({error.strerror or error}): "
+                                f"give --out a folder you can write to.") from None
+    return out
 
 # %% ../nbs/08_pipeline.ipynb #884aa3da
 def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> dict:
-    """Run the whole pipeline into `out` (resumable), save the chosen model, write report.md / results.json / pareto.png.
-    Trained and measured stages are cached; latency is measured again, interleaved, on every run."""
+    """Run the whole pipeline into `out` (resumable), export the chosen model as a new version under `out/models`,
+    write report.md / results.json / pareto.png. Trained and measured stages are cached; latency is measured again,
+    interleaved, on every run."""
     started = time.perf_counter()
     config = (config or PipelineConfig()).check()
-    out = Path(out)
+    out = claim_run_folder(out)
     log = _logger(out)
     sizes = config.size()
     log.info("recbook optimize: %s", json.dumps(dataclasses.asdict(config)))
@@ -311,22 +391,27 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     table["speedup"] = table.loc["teacher", "latency_ms_p50"] / table["latency_ms_p50"]
     table["retained"] = table["valid_ndcg@10"] / table.loc["teacher", "valid_ndcg@10"]
     chosen, rule = _select(table, config)
-    export_search(candidates[chosen], task, out / "model", {"chosen": chosen, "task_fingerprint": fingerprint},
-                  catalogues[chosen])  # encoded by the chosen model in its quality stage
+    meta = {"chosen": chosen, "task_fingerprint": fingerprint,
+            "export_key": content_key(candidates[chosen].parent.name, fingerprint, list(task.item_features))}
+    export = publish_export(out, candidates[chosen], task, meta, catalogues[chosen])  # encoded in its quality stage
+    example = next((q.iloc[0] for q in (task.split("test")["query"], task.split("valid")["query"]) if len(q)), "")
     results = {"config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
                "catalogue": len(task.items), "valid_queries": len(task.split("valid")), "test_queries": len(task.split("test")),
                "variants": table.reset_index().to_dict(orient="records"), "chosen": chosen, "selection": rule,
+               "export": export.relative_to(out).as_posix(), "example_query": str(example),
                "stages": {"ran": stages.ran, "reused": stages.reused, "seconds": stages.seconds},
                "wall_seconds": time.perf_counter() - started}
     write_report(results, out)
-    log.info("chosen %s (%s); wrote %s", chosen, rule, out)
+    log.info("chosen %s (%s); exported %s; wrote %s", chosen, rule, export.name, out)
     return results
 
 # %% ../nbs/08_pipeline.ipynb #8abf5fa5
 def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict, embeddings: torch.Tensor | None = None) -> Path:
-    """Write the chosen model, the catalogue and its fingerprinted embeddings (chapter 05's format) to `out`, atomically.
-    `embeddings`: the catalogue already encoded by this model (else it is encoded here)."""
+    """Write the chosen model, the catalogue and its fingerprinted embeddings (chapter 05's format) into the new folder
+    `out`, atomically. `embeddings`: the catalogue already encoded by this model (else it is encoded here)."""
     out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; an export goes into a new folder and never replaces one.")
     work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -340,22 +425,59 @@ def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict, embe
         save_embeddings(work / "catalogue.safetensors", embeddings, model_fingerprint(model),
                         catalogue_fingerprint(ids, documents, model.doc_max_length))
         (work / "search.json").write_text(json.dumps({**meta, "columns": list(task.item_features)}, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
         os.replace(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
 
-def load_optimized(path: str | Path, device=None, index: str = "exact", **index_knobs) -> SearchService:
-    "Chapter 05's `SearchService` over the model and catalogue saved by `recbook optimize` in `path` (or its `model/`)."
+def _read_meta(folder: Path) -> dict:
+    "An export's search.json, or {} when it is missing or broken."
+    try:
+        meta = json.loads((folder / "search.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+def _versions(models: Path) -> list[Path]:
+    found = [p for p in models.glob("v*") if p.is_dir() and p.name[1:].isdigit()] if models.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[1:]))
+
+def publish_export(out: Path, model_dir: Path, task: SearchTask, meta: dict, embeddings: torch.Tensor | None = None) -> Path:
+    """Export into `out/models/v<n>` (a new version, unless one holds exactly this model and catalogue already) and
+    point `out/models/CURRENT` at it in one rename. Earlier versions stay, so a reader can go back to one."""
+    models = Path(out) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    versions = _versions(models)
+    same = [v for v in versions if _read_meta(v).get("export_key") == meta.get("export_key")]
+    version = same[-1] if same else export_search(
+        model_dir, task, models / f"v{int(versions[-1].name[1:]) + 1 if versions else 1}", meta, embeddings)
+    atomic_write_text(models / "CURRENT", version.name + "\n")
+    return version
+
+def current_export(path: str | Path) -> Path:
+    "The export folder that `load_optimized(path)` reads: the current version of a run folder, or `path` itself."
     path = Path(path)
-    path = path / "model" if (path / "model" / "search.json").is_file() else path
+    pointer = path / "models" / "CURRENT"
+    if pointer.is_file():
+        version = path / "models" / pointer.read_text().strip()
+        if not (version / "search.json").is_file():
+            raise ValueError(f"{pointer} names {version.name}, which is missing or incomplete; run `recbook optimize` again.")
+        return version
+    if (path / "model" / "search.json").is_file():  # a run folder of an older recbook
+        return path / "model"
+    return path
+
+def load_optimized(path: str | Path, device=None, index: str = "exact", **index_knobs) -> SearchService:
+    "Chapter 05's `SearchService` over the model and catalogue saved by `recbook optimize` in `path` (its current version)."
+    path = current_export(path)
     if not (path / "search.json").is_file():
         raise ValueError(f"{path} is not a folder written by `recbook optimize` (no search.json).")
     missing = [name for name in ("model", "items.parquet", "catalogue.safetensors") if not (path / name).exists()]
     if missing:
         raise ValueError(f"{path} is incomplete: {missing} missing; run `recbook optimize` again.")
-    meta = json.loads((path / "search.json").read_text())
+    meta = _read_meta(path)
+    if not meta:
+        raise ValueError(f"{path / 'search.json'} is not readable JSON; run `recbook optimize` again.")
     items = pd.read_parquet(path / "items.parquet")
     model = load_compressed(path / "model", device=device)
     try:
@@ -371,6 +493,35 @@ def load_optimized(path: str | Path, device=None, index: str = "exact", **index_
 def _stage_times(stages: dict) -> str:
     return ", ".join(f"{name} ({seconds:.0f} s)" for name, seconds in zip(stages["ran"], stages.get("seconds", [])))
 
+def _why(rule: dict) -> str:
+    if rule["rule"] == "lambda":
+        return f"least error + {rule['lam']:g} x latency"
+    if not rule.get("met"):
+        return rule.get("note", "")
+    return (f"least validation error within the budget of {rule['budget_ms']:.3g} ms per query"
+            + (f" (teacher's latency / {rule['speedup']:g})" if "speedup" in rule else ""))
+
+def _noise_notes(table: pd.DataFrame, results: dict) -> list[str]:
+    "What a reader must know about noise: ties, the margin to the budget, and spreads as large as the median."
+    rule, chosen = results["selection"], results["chosen"]
+    notes = []
+    if rule.get("within_noise"):
+        notes.append(f"Within noise of {', '.join(rule['within_noise'])} (latency intervals overlap, or equal validation "
+                     f"NDCG@10); chose the more accurate, then the smaller file.")
+    if "budget_used" in rule:
+        row = table.loc[chosen]
+        notes.append(f"The chosen median is {rule['budget_used']:.0%} of the budget (95% interval of the median "
+                     f"{row['latency_ms_low']:.3g}-{row['latency_ms_high']:.3g} ms against {rule['budget_ms']:.3g} ms).")
+    if rule.get("borderline"):
+        notes.append(f"More accurate but over the budget within noise: {', '.join(rule['borderline'])}; "
+                     f"a quieter machine may choose differently.")
+    wide = table.index[table["latency_ms_p95"] > 3 * table["latency_ms_p50"]]
+    if len(wide):
+        notes.append(f"Latency spread several times the median for {', '.join(wide)} (p95 up to "
+                     f"{(table['latency_ms_p95'] / table['latency_ms_p50']).max():.1f}x the median): the machine "
+                     f"was busy; measure again on a quiet one before trusting small differences.")
+    return notes
+
 def write_report(results: dict, out: Path) -> Path:
     "Write results.json, pareto.png and report.md into `out`."
     import matplotlib.pyplot as plt
@@ -379,25 +530,23 @@ def write_report(results: dict, out: Path) -> Path:
     chosen = list(table.index).index(results["chosen"])
     rule = results["selection"]
     ax = plot_pareto(list(table.index), latency, error, budget=rule.get("budget_ms"), chosen=chosen, logx=True,
-                     xlabel="latency per query, end to end (ms, median)", ylabel="error = 1 - NDCG@10 (validation)",
-                     title="recbook optimize: candidates")
-    tmp = out / ".pareto.png.tmp"
+                     numbered=True, xlabel="latency per query, end to end (ms, median)",
+                     ylabel="error = 1 - NDCG@10 (validation)", title="recbook optimize: candidates")
+    tmp = out / f".pareto.png.{os.getpid()}.tmp"
     ax.figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"); plt.close(ax.figure)
     os.replace(tmp, out / "pareto.png")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
-    columns = ["params", "size_mb", "latency_ms_p50", "latency_ms_p95", "latency_ms_std", "speedup", "valid_ndcg@10",
-               "retained", "test_ndcg@10", "test_recall@100"]
+    columns = ["params", "size_mb", "latency_ms_p50", "latency_ms_low", "latency_ms_high", "latency_ms_p95", "speedup",
+               "valid_ndcg@10", "retained", "test_ndcg@10", "test_recall@100"]
     shown = table[[c for c in columns if c in table]].round(3)
     m, c = results["machine"], results["config"]
-    why = (f"least validation error within the budget of {rule['budget_ms']:.3g} ms per query"
-           + (f" (teacher's latency / {rule['speedup']:g})" if "speedup" in rule else "")
-           if rule["rule"] == "budget" and rule.get("met") else
-           f"least error + {rule['lam']:g} x latency" if rule["rule"] == "lambda" else rule.get("note", ""))
     best = table.loc[results["chosen"]]
+    query = results.get("example_query") or "a query"
     lines = [
         "# recbook optimize: report", "",
         f"- data: {c['data'] or 'shipped Women’s E-Commerce Clothing Reviews'}; catalogue {results['catalogue']} items; "
-        f"{results['valid_queries']} validation and {results['test_queries']} test queries (fingerprint {results['task_fingerprint']})",
+        f"{results['valid_queries']} validation and {results['test_queries']} test queries measured "
+        f"(fingerprint {results['task_fingerprint']})",
         f"- encoder: {c['encoder'] or 'sentence-transformers/all-MiniLM-L6-v2 (offline wheel)'}; size: {'quick' if c['quick'] else 'full'}; seed {c['seed']}",
         f"- machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}, torch {m.get('torch')}",
@@ -405,16 +554,18 @@ def write_report(results: dict, out: Path) -> Path:
         f"- stages run: {_stage_times(results['stages']) or 'none'}; reused from cache: {', '.join(results['stages']['reused']) or 'none'}"
         f"; wall time {results.get('wall_seconds', float('nan')):.0f} s",
         "", "## Candidates", "",
-        "Latency: one query end to end (tokenise, encode, score the precomputed catalogue, top 10), median, p95 and "
-        "standard deviation over repeated rounds after warm-up; measured on every run, all candidates interleaved round by "
-        "round. Quality: NDCG@10 on validation (used for the choice) and on test (reported only).", "",
+        "Latency: one query end to end (tokenise, encode, score the precomputed catalogue, top 10): median with its 95% "
+        "interval (low, high), and p95, over repeated rounds after warm-up; measured on every run, all candidates "
+        "interleaved round by round. Quality: NDCG@10 on validation (used for the choice) and on test (reported only).", "",
         markdown_table(shown), "",
         "## Choice", "",
-        f"**{results['chosen']}**: {why}. Test NDCG@10 {best['test_ndcg@10']:.3f} against the teacher's "
+        f"**{results['chosen']}**: {_why(rule)}. Test NDCG@10 {best['test_ndcg@10']:.3f} against the teacher's "
         f"{table.loc['teacher', 'test_ndcg@10']:.3f}; {best['speedup']:.2f}x the teacher's speed; {best['size_mb']:.1f} MB on disk.",
+        "", *[f"- {note}" for note in _noise_notes(table, results)],
         "", "![Pareto frontier](pareto.png)", "",
-        "Load it: `recbook.load_optimized(\"<this folder>\").search(\"black maxi dress\")`, or "
-        "`recbook search <this folder> \"black maxi dress\"`.", ""]
+        f"The chosen model is saved in `{results.get('export', 'model')}`. Load it: "
+        f"`recbook.load_optimized(\"<this folder>\").search({json.dumps(query, ensure_ascii=False)})`, or "
+        f"`recbook search <this folder> {json.dumps(query, ensure_ascii=False)}`.", ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -2,13 +2,14 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from recbook import core
 from recbook.core import (BenchResult, LatencyStats, ModelSize, atomic_write_text, get_device, load_results,
-                          measure_latencies, measure_latency, model_size, pick_size, save_results, seed_everything)
+                          measure_latencies, measure_latency, median_interval, model_size, pick_size, save_results, seed_everything)
 
 
 def test_device_override_and_errors(monkeypatch):
@@ -38,14 +39,51 @@ def test_pick_size_follows_in_test(monkeypatch):
     assert pick_size("small", "big") == "big"
 
 
+class FakeClock:
+    "Each timed call moves this clock forward by a set number of milliseconds."
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, ms):
+        self.now += ms / 1e3
+
+
 def test_measure_latency_counts_calls_and_orders_stats():
-    calls = []
-    stats = measure_latency(lambda: calls.append(time.sleep(0.002)), batch_size=4, warmup=2, repeats=6, device="cpu")
+    clock, calls = FakeClock(), []
+    durations = [9, 9, 2, 3, 5, 4, 8, 6]  # ms: two warm-up calls, then six timed ones
+
+    def fn():
+        clock.advance(durations[len(calls)]); calls.append(1)
+    stats = measure_latency(fn, batch_size=4, warmup=2, repeats=6, device="cpu", clock=clock)
     assert len(calls) == 8
     assert stats.repeats == 6 and stats.batch_size == 4 and stats.device == "cpu"
-    assert 2.0 <= stats.min_ms <= stats.p50_ms <= stats.p95_ms
+    timed = np.array(durations[2:], dtype=float)
+    assert stats.min_ms == pytest.approx(2.0) and stats.p50_ms == pytest.approx(np.median(timed))
+    assert stats.p95_ms == pytest.approx(np.percentile(timed, 95)) and stats.std_ms == pytest.approx(timed.std(ddof=1))
     assert stats.throughput == pytest.approx(4 / (stats.p50_ms / 1e3))
     assert stats.threads == torch.get_num_threads()
+
+
+@given(st.lists(st.floats(0.01, 1e3), min_size=1, max_size=80))
+@settings(max_examples=60, deadline=None)
+def test_median_interval_holds_the_median_and_matches_scipy(ms):
+    from scipy.stats import quantile_test
+    low, high = median_interval(ms)
+    assert min(ms) <= low <= np.median(ms) <= high <= max(ms)
+    if len(ms) >= 6:
+        reference = quantile_test(ms, p=0.5).confidence_interval(0.95)
+        assert (low, high) == (reference.low, reference.high)
+    else:  # no pair of order statistics covers 95%: the whole range
+        assert (low, high) == (min(ms), max(ms))
+
+
+def test_median_interval_covers_the_true_median_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    hits = [low <= 1.0 <= high for low, high in (median_interval(rng.lognormal(0.0, 1.0, 40)) for _ in range(2000))]
+    assert 0.93 <= np.mean(hits) <= 0.99  # lognormal(0, 1) has median 1; the interval is conservative
 
 
 def test_measure_latency_runs_without_autograd():

@@ -228,11 +228,10 @@ def test_rules_filter_below_everything_and_boosts_keep_order_within_groups(score
     out = apply_rules(s, ITEMS, [Rule("stock", "filter", "stock", 1), Rule("named", "boost", "class", weight=weight)], named)
     kept, boosted = torch.tensor(ITEMS["stock"].to_numpy() == 1), torch.tensor(ITEMS["class"].to_numpy() == named_class)
     assert (out[0, ~kept] == FILTERED).all() and (out[0, kept] > FILTERED).all()
-    for group in (kept & boosted, kept & ~boosted):
-        idx = group.nonzero().flatten()
-        if len(idx) > 1 and s[0, idx].std() > 0:  # a boost moves a whole group together: its order is kept
-            assert torch.equal(torch.argsort(out[0, idx], stable=True), torch.argsort(s[0, idx], stable=True)) or \
-                len(set(s[0, idx].tolist())) < len(idx)
+    for group in (kept & boosted, kept & ~boosted):  # a boost moves a whole group together: its order is kept,
+        before, after = s[0, group], out[0, group]   # though two scores may round to one float (a tie, never a swap)
+        lower = before[:, None] < before[None, :]
+        assert (after[:, None] <= after[None, :])[lower].all()
     boost_only = apply_rules(s, ITEMS, [Rule("named", "boost", "class", weight=weight)], named)
     base = (s - s.mean()) / s.std().clamp(min=1e-6)
     torch.testing.assert_close(boost_only - base, weight * boosted[None].float(), atol=1e-4, rtol=0)
