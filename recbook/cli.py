@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,35 +58,58 @@ def _optimize(args) -> int:
     overrides["quick"] = True if args.quick else None
     overrides["knowledge"] = True if args.knowledge else None
     overrides["augment"] = args.augment
-    try:
-        config = load_config(args.config, **overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"recbook optimize: {error}", file=sys.stderr)
-        return 2
-    try:
-        results = optimize(config, args.out, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as error:  # bad data or model: named, before any long work
-        print(f"recbook optimize: {error}", file=sys.stderr)
-        return 2
+    results = optimize(load_config(args.config, **overrides), args.out, progress=not args.no_progress)
     print(f"chosen: {results['chosen']}; report: {Path(args.out) / 'report.md'}")
     return 0
 
+def _checked_queries(queries: list[str]) -> list[str]:
+    "The queries as given, or a ValueError for one that is not valid UTF-8 (a shell passes such bytes as surrogates)."
+    for n, query in enumerate(queries, 1):
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"query {n} is not valid UTF-8 text; pass the query in UTF-8.") from None
+    return queries
+
+def _shown_columns(items, wanted: str | None) -> list[str]:
+    "The item columns to print: those asked for, else a name or title column, else a snippet of the item's text."
+    if wanted:
+        columns = [c.strip() for c in wanted.split(",") if c.strip()]
+        unknown = [c for c in columns if c not in items and c != "snippet"]
+        if unknown:
+            raise ValueError(f"--columns {unknown} not in the catalogue; choose from {['snippet', *items.columns]}.")
+        return columns
+    named = [c for c in items.columns if str(c).lower() in ("name", "title", "product_name", "item_name")]
+    return named[:1] or ["snippet"]
+
 def _search(args) -> int:
-    from recbook.infer import StaleCacheError
+    import pandas as pd
     from recbook.pipeline import load_optimized
-    try:
-        tables = load_optimized(args.folder).search(args.queries, k=args.k)
-    except (ValueError, StaleCacheError) as error:  # not an export, incomplete, stale, or an empty query: say so
-        print(f"recbook search: {error}", file=sys.stderr)
-        return 2
-    for query, table in zip(args.queries, tables):
-        print(f"# {query}")
-        print(table.dropna(axis=1, how="all").to_string(index=False))  # no reranker: no rerank_score column
+    queries = _checked_queries(args.queries)
+    engine = load_optimized(args.folder)
+    columns = _shown_columns(engine.items, args.columns)
+    items = engine.items.assign(snippet=engine.items["document"].astype(str).str.slice(0, 60)).set_index("item_id")
+    for query, table in zip(queries, engine.search(queries, k=args.k)):
+        shown = table[["item_id"]].join(items[[c for c in columns]], on="item_id")
+        scores = table[[c for c in ("retrieval_score", "rerank_score") if c in table]].dropna(axis=1, how="all")
+        print(f"# {query}")  # no reranker: no rerank_score column
+        print(pd.concat([shown, scores], axis=1).to_string(index=False))
     return 0
+
+class _Parser(argparse.ArgumentParser):
+    "argparse that reports a bad argument in one line, with where to read more."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
 
 def build_parser() -> argparse.ArgumentParser:
     "The `recbook` argument parser."
-    parser = argparse.ArgumentParser(prog="recbook", description="Faster and better large models for search and recommendation.")
+    parser = _Parser(prog="recbook", description="Faster and better large models for search and recommendation.")
     parser.add_argument("--version", action="version", version=f"recbook {recbook.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="print the device, threads and library versions").set_defaults(run=_env)
@@ -109,12 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--quick", action="store_true", help="teaching size (a few minutes on a laptop CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--out", default="runs/optimize", help="output folder (default: runs/optimize); re-running resumes")
+    run.add_argument("--out", default="runs/optimize",
+                     help="run folder (default: runs/optimize): new, empty, or an earlier run's; re-running resumes")
     run.set_defaults(run=_optimize)
     search = commands.add_parser("search", help="answer queries with a model saved by `recbook optimize`")
     search.add_argument("folder", help="the output folder of `recbook optimize`")
     search.add_argument("queries", nargs="+", help="one or more queries")
-    search.add_argument("-k", type=int, default=10, help="how many items per query")
+    search.add_argument("-k", type=_positive, default=10, help="how many items per query")
+    search.add_argument("--columns", default=None,
+                        help="comma-separated item columns to show (default: a name/title column, else a text snippet)")
     search.set_defaults(run=_search)
     bench = commands.add_parser("bench", help="re-run a chapter's experiment and write its JSON")
     bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which chapter's benchmark, or all in order")
@@ -124,10 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
     return parser
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    "What bad input raises: named errors of recbook and the standard library, and broken files' decoder errors."
+    import pickle, tarfile, zipfile
+    from safetensors import SafetensorError
+    from recbook.infer import StaleCacheError
+    return (ValueError, LookupError, OSError, UnicodeError, tarfile.TarError, zipfile.BadZipFile, pickle.UnpicklingError,
+            SafetensorError, StaleCacheError)
+
+def _one_line(error: BaseException) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return text or type(error).__name__
+
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `recbook` console script."
+    """Entry point of the `recbook` console script. Bad input ends in one line naming the problem and exit status 2,
+    never a traceback (set RECBOOK_DEBUG=1 to see one)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"recbook {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        if os.environ.get("RECBOOK_DEBUG"):
+            raise
+        print(f"recbook {args.command}: {_one_line(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__" and "__file__" in globals():  # `python -m recbook.cli`, not a notebook kernel

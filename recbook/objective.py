@@ -64,6 +64,16 @@ def results_to_points(results: Sequence[BenchResult], metric: str) -> tuple[list
     return ([r.name for r in results], np.array([r.latency.p50_ms for r in results]),
             np.array([1.0 - r.metrics[metric] for r in results]))
 
+def _near_groups(x: np.ndarray, y: np.ndarray, within: float = 0.03) -> list[list[int]]:
+    "Indices of points grouped when closer than `within` of the axes' ranges (greedy, in index order)."
+    span = lambda v: (v.max() - v.min()) or 1.0
+    px, py = (x - x.min()) / span(x), (y - y.min()) / span(y)
+    groups = []
+    for i in range(len(x)):
+        home = next((g for g in groups if abs(px[g[0]] - px[i]) < within and abs(py[g[0]] - py[i]) < within), None)
+        home.append(i) if home is not None else groups.append([i])
+    return groups
+
 def plot_pareto(names: Sequence[str], latency: Sequence[float], error: Sequence[float],
                 budget: float | None = None, chosen: int | None = None, ax=None,
                 xlabel: str = "latency (ms, median)", ylabel: str = "error (1 - quality)", title: str | None = None,
@@ -79,13 +89,18 @@ def plot_pareto(names: Sequence[str], latency: Sequence[float], error: Sequence[
     ax.scatter(t[~on_front], e[~on_front], color="0.6", label="dominated", zorder=2)
     ax.scatter(t[front], e[front], color="C0", label="Pareto frontier", zorder=3)
     ax.step(t[front], e[front], where="post", color="C0", alpha=0.6)
-    for i, (name, x, y) in enumerate(zip(names, t, e)):
-        ax.annotate(str(i + 1) if numbered else name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if numbered:  # points that (nearly) coincide share one label, "2,4", instead of printing over each other
+        for group in _near_groups(np.log10(t) if logx else t, e):
+            ax.annotate(",".join(str(i + 1) for i in group), (t[group[0]], e[group[0]]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    else:
+        for name, x, y in zip(names, t, e):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if numbered:
         ax.text(1.02, 1.0, "\n".join(f"{i + 1}  {name}" for i, name in enumerate(names)), transform=ax.transAxes,
                 va="top", ha="left", fontsize=8)
     if budget is not None:
-        ax.axvline(budget, color="C3", linestyle="--", label=f"budget {budget:g}")
+        ax.axvline(budget, color="C3", linestyle="--", label=f"budget {budget:.3g}")
     if chosen is not None:
         ax.scatter([t[chosen]], [e[chosen]], s=220, facecolors="none", edgecolors="C3", linewidths=2,
                    label=f"chosen: {names[chosen]}", zorder=4)

@@ -467,6 +467,21 @@ def current_export(path: str | Path) -> Path:
         return path / "model"
     return path
 
+def _reason(error: Exception) -> str:
+    "Why a saved file did not load, in a few words, without a library's advice to load untrusted code."
+    import pickle
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects besides tensors, and recbook loads weights only"
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text[:160]
+
+def _load_part(path: Path, load: Callable):
+    "`load(path)`, or a ValueError naming the file that a truncated, empty or foreign copy breaks."
+    try:
+        return load(path)
+    except Exception as error:
+        raise ValueError(f"{path} cannot be loaded ({_reason(error)}); run `recbook optimize` again.") from None
+
 def load_optimized(path: str | Path, device=None, index: str = "exact", **index_knobs) -> SearchService:
     "Chapter 05's `SearchService` over the model and catalogue saved by `recbook optimize` in `path` (its current version)."
     path = current_export(path)
@@ -478,13 +493,15 @@ def load_optimized(path: str | Path, device=None, index: str = "exact", **index_
     meta = _read_meta(path)
     if not meta:
         raise ValueError(f"{path / 'search.json'} is not readable JSON; run `recbook optimize` again.")
-    items = pd.read_parquet(path / "items.parquet")
-    model = load_compressed(path / "model", device=device)
+    items = _load_part(path / "items.parquet", pd.read_parquet)
+    model = _load_part(path / "model", lambda p: load_compressed(p, device=device))
     try:
         embeddings = load_embeddings(path / "catalogue.safetensors", model_fingerprint(model),
                                      catalogue_fingerprint(items["item_id"].tolist(), items["document"].tolist(), model.doc_max_length))
     except StaleCacheError as error:
         raise StaleCacheError(f"{error} Stale or edited files (or an older recbook's export): run `recbook optimize` again.") from None
+    except Exception as error:  # a truncated or foreign embeddings file
+        raise ValueError(f"{path / 'catalogue.safetensors'} cannot be read ({_reason(error)}); run `recbook optimize` again.") from None
     service = SearchService(model, items, index=index, columns=meta.get("columns", []), embeddings=embeddings, **index_knobs)
     service.meta = meta
     return service

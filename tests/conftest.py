@@ -30,3 +30,24 @@ def tiny_bert(tokenizer, hidden=32, layers=1, heads=2, ffn=64, seed=0):
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=256)
     return BertModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-bert"
+    tiny_bert(tokenizer, hidden=32, layers=2, heads=2, ffn=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def own_table(tmp_path_factory):
+    "The user's own table: the shipped reviews of 40 items, with other column names, as CSV."
+    from recbook.data import load_reviews
+    reviews = load_reviews()
+    items = reviews["Clothing ID"].value_counts().index[:40]
+    table = reviews[reviews["Clothing ID"].isin(items)].rename(columns={
+        "Clothing ID": "sku", "Review Text": "body", "Title": "headline", "Rating": "stars", "Class Name": "category"})
+    path = tmp_path_factory.mktemp("data") / "mine.csv"
+    table[["sku", "body", "headline", "stars", "category"]].to_csv(path, index=False)
+    return path

@@ -44,28 +44,6 @@ def digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory, tokenizer):
-    from conftest import tiny_bert
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-bert"
-    tiny_bert(tokenizer, hidden=32, layers=2, heads=2, ffn=64).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def own_table(tmp_path_factory):
-    "The user's own table: the shipped reviews of 40 items, with other column names, as CSV."
-    from recbook.data import load_reviews
-    reviews = load_reviews()
-    items = reviews["Clothing ID"].value_counts().index[:40]
-    table = reviews[reviews["Clothing ID"].isin(items)].rename(columns={
-        "Clothing ID": "sku", "Review Text": "body", "Title": "headline", "Rating": "stars", "Class Name": "category"})
-    path = tmp_path_factory.mktemp("data") / "mine.csv"
-    table[["sku", "body", "headline", "stars", "category"]].to_csv(path, index=False)
-    return path
-
-
 def config_for(encoder, data, **extra):
     return load_config(encoder=encoder, data=str(data), item="sku", text="body", query="headline", rating="stars",
                        item_features=["category"], quick=True, sizes=SIZES, **extra)
