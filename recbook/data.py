@@ -5,6 +5,7 @@
 # %% ../nbs/02_data.ipynb #81c8c758
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -24,13 +25,15 @@ import pandas as pd
 import torch
 
 from .core import cache_dir, data_dir
+from .tables import DataError, read_table, text_tokens
 
 # %% auto #0
 __all__ = ['REVIEWS_FILE', 'REVIEWS_SHA256', 'REVIEW_COLUMNS', 'AGE_BANDS', 'ITEM_FEATURES', 'GARMENT_WORDS', 'NOT_GARMENT_WORDS',
-           'WORDNET_SOURCE', 'sha256_of', 'load_reviews', 'Interactions', 'from_table', 'age_band',
-           'clothing_interactions', 'garment_vocabulary', 'names_a_product', 'SearchTask', 'split_within_items',
-           'item_document', 'build_search_task', 'ScoringTask', 'split_items', 'build_scoring_task', 'TextPairDataset',
-           'TextCollator', 'features_text', 'wordnet_dir', 'ensure_wordnet', 'wordnet']
+           'SPLITS', 'MIN_QUERIES', 'WORDNET_SOURCE', 'sha256_of', 'load_reviews', 'Interactions', 'from_table',
+           'age_band', 'clothing_interactions', 'garment_vocabulary', 'names_a_product', 'informative_words',
+           'names_an_item', 'SearchTask', 'split_within_items', 'item_document', 'without_copies', 'build_search_task',
+           'ScoringTask', 'split_items', 'build_scoring_task', 'TextPairDataset', 'TextCollator', 'features_text',
+           'wordnet_dir', 'ensure_wordnet', 'wordnet']
 
 # %% ../nbs/02_data.ipynb #f5fd4943
 REVIEWS_FILE = "womens_clothing_reviews.parquet"
@@ -48,47 +51,43 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 # %% ../nbs/02_data.ipynb #fc6df7ee
-def _read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"No data file at {path}.")
-    readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t")}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(f"Unsupported data file type {path.suffix!r} for {path}; use .parquet, .csv or .tsv.")
-    try:
-        return reader(path)
-    except Exception as e:  # pyarrow / pandas raise many types for damaged files
-        raise ValueError(f"Could not read {path}: the file is corrupt or not a {path.suffix[1:]} file ({e}).") from e
+_read_table = read_table  # the name chapter 08 imports
 
 def _check_kind(frame: pd.DataFrame, column: str, kind: str):
     values = frame[column].dropna()
     ok = {"integer": pd.api.types.is_integer_dtype, "number": pd.api.types.is_numeric_dtype,
           "string": lambda s: s.map(lambda v: isinstance(v, str)).all()}[kind](values)
     if not ok:
-        raise ValueError(f"Column {column!r} must hold {kind} values, found dtype {frame[column].dtype}.")
+        raise DataError(f"Column {column!r} must hold {kind} values, found dtype {frame[column].dtype}.")
 
 def load_reviews(path: str | Path | None = None) -> pd.DataFrame:
-    "Read and validate the clothing-reviews table (the shipped copy by default). The file is never modified."
-    path = Path(path) if path is not None else data_dir() / REVIEWS_FILE
-    frame = _read_table(path)
+    "Read and validate the clothing-reviews table (the shipped copy, checksum verified, by default). The file is never modified."
+    if path is None:
+        path = data_dir() / REVIEWS_FILE
+        if path.is_file() and sha256_of(path) != REVIEWS_SHA256:
+            raise DataError(f"{path} does not match the SHA-256 in data/README.md: the shipped copy was changed or damaged; "
+                            f"restore it (`git checkout -- data/`) or reinstall recbook.")
+    path = Path(path)
+    frame = read_table(path)
     missing = [c for c in REVIEW_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path} lacks the columns {missing}; expected {list(REVIEW_COLUMNS)}.")
+        raise DataError(f"{path} lacks the columns {missing}; expected {list(REVIEW_COLUMNS)}.")
     for column, kind in REVIEW_COLUMNS.items():
         _check_kind(frame, column, kind)
     if frame["Rating"].isna().any():
-        raise ValueError(f"{path}: {int(frame['Rating'].isna().sum())} rows have a missing (NaN) Rating.")
+        raise DataError(f"{path}: {int(frame['Rating'].isna().sum())} rows have a missing (NaN) Rating.")
     if not frame["Rating"].between(1, 5).all():
-        raise ValueError(f"{path}: Rating must be between 1 and 5.")
+        raise DataError(f"{path}: Rating must be between 1 and 5.")
     return frame
 
 # %% ../nbs/02_data.ipynb #340c6972
 @dataclass
 class Interactions:
-    "A validated interactions table with standard column names and its feature column lists."
+    "A validated interactions table with standard column names, its feature column lists and its query rule."
     frame: pd.DataFrame
     item_features: list[str] = field(default_factory=list)
     user_features: list[str] = field(default_factory=list)
+    query_rule: str = "informative"  # how search decides a query names an item: "informative" (any data) or "garment"
 
     @property
     def has_text(self) -> bool: return "text" in self.frame.columns
@@ -96,41 +95,52 @@ class Interactions:
     @property
     def has_query(self) -> bool: return "query" in self.frame.columns
 
+    @property
+    def has_rating(self) -> bool: return "rating" in self.frame.columns
+
     def __len__(self): return len(self.frame)
 
 # %% ../nbs/02_data.ipynb #b944f9a6
-def from_table(table: pd.DataFrame, user: str, item: str, rating: str, text: str | None = None,
+def _one_kind_of_id(ids: pd.Series) -> pd.Series:
+    "Ids as given when they are of one kind; as text when numbers and strings are mixed (7 and '7' are then one id)."
+    kinds = ids.map(lambda v: isinstance(v, str))
+    return ids.map(str) if kinds.any() and not kinds.all() else ids
+
+def from_table(table: pd.DataFrame, user: str, item: str, rating: str | None = None, text: str | None = None,
                query: str | None = None, item_features: Sequence[str] = (), user_features: Sequence[str] = (),
                drop_empty_text: bool = True) -> Interactions:
-    "Validate any pandas table of interactions and rename its columns to recbook's standard ones."
+    "Validate any pandas table of interactions and rename its columns to recbook's standard ones (rating is optional)."
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"Expected a pandas DataFrame, got {type(table).__name__}.")
     named = {"user": user, "item": item, "rating": rating, "text": text, "query": query}
     wanted = [c for c in [*named.values(), *item_features, *user_features] if c is not None]
     missing = [c for c in dict.fromkeys(wanted) if c not in table.columns]
     if missing:
-        raise ValueError(f"The table lacks the columns {missing}; it has {list(table.columns)}.")
+        raise DataError(f"The table lacks the columns {missing}; it has {list(table.columns)}.")
     frame = pd.DataFrame({f"{k}_id" if k in ("user", "item") else k: table[c]
                           for k, c in named.items() if c is not None})
     for c in [*item_features, *user_features]:
         frame[c] = table[c].astype("string").fillna("unknown").astype(object)
     for c in ("user_id", "item_id"):
         if frame[c].isna().any():
-            raise ValueError(f"Column {named[c[:-3]]!r} ({c}) has {int(frame[c].isna().sum())} missing ids.")
-    if not pd.api.types.is_numeric_dtype(frame["rating"]):
-        raise ValueError(f"Ratings in column {rating!r} must be numbers, found dtype {frame['rating'].dtype}.")
-    if frame["rating"].isna().any() or not np.isfinite(frame["rating"].astype(float)).all():
-        raise ValueError(f"Column {rating!r} has {int((~np.isfinite(frame['rating'].astype(float))).sum())} NaN or infinite ratings.")
+            raise DataError(f"Column {named[c[:-3]]!r} ({c}) has {int(frame[c].isna().sum())} missing ids; drop those rows first.")
+        frame[c] = _one_kind_of_id(frame[c])
+    if rating is not None:
+        if not pd.api.types.is_numeric_dtype(frame["rating"]):
+            raise DataError(f"Ratings in column {rating!r} must be numbers, found dtype {frame['rating'].dtype}; map labels to "
+                            f"numbers first, or leave rating= out (search needs none).")
+        if frame["rating"].isna().any() or not np.isfinite(frame["rating"].astype(float)).all():
+            raise DataError(f"Column {rating!r} has {int((~np.isfinite(frame['rating'].astype(float))).sum())} NaN or infinite ratings.")
     for c in ("text", "query"):
         if c in frame:
             if frame[c].dropna().map(lambda v: not isinstance(v, str)).any():
-                raise ValueError(f"Column {named[c]!r} must hold strings.")
+                raise DataError(f"Column {named[c]!r} must hold strings.")
             frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
             frame[c] = frame[c].map(lambda v: v.strip() if isinstance(v, str) and v.strip() else None)
     if "text" in frame and drop_empty_text:
         frame = frame[frame["text"].notna()]
     if len(frame) == 0:
-        raise ValueError("No interactions left after dropping rows with empty text.")
+        raise DataError(f"No interactions left after dropping rows with empty text in column {text!r}.")
     return Interactions(frame.reset_index(drop=True), list(item_features), list(user_features))
 
 # %% ../nbs/02_data.ipynb #9f43e670
@@ -144,7 +154,7 @@ def age_band(age: pd.Series) -> pd.Series:
     return pd.cut(age, bins=list(AGE_BANDS), labels=labels, right=False).astype(str)
 
 def clothing_interactions(reviews: pd.DataFrame | None = None) -> Interactions:
-    "The shipped reviews as `Interactions`: one anonymous user per review, age band as user feature."
+    "The shipped reviews as `Interactions`: one anonymous user per review, age band as user feature, garment query rule."
     reviews = load_reviews() if reviews is None else reviews
     table = reviews.assign(user=np.arange(len(reviews)), age_band=age_band(reviews["Age"]))
     inter = from_table(table, user="user", item="Clothing ID", rating="Rating", text="Review Text", query="Title",
@@ -153,6 +163,7 @@ def clothing_interactions(reviews: pd.DataFrame | None = None) -> Interactions:
                       ["Recommended IND", "Positive Feedback Count"]].reset_index(drop=True)
     inter.frame["recommended"] = extra["Recommended IND"].to_numpy()
     inter.frame["helpful_votes"] = extra["Positive Feedback Count"].to_numpy()
+    inter.query_rule = "garment"
     return inter
 
 # %% ../nbs/02_data.ipynb #dfe39673
@@ -183,7 +194,19 @@ def names_a_product(title: str | None, vocabulary: frozenset[str]) -> bool:
     "True when a title contains a garment word, so it can identify an item."
     return bool(title) and any(w in vocabulary for w in _words(title))
 
+# %% ../nbs/02_data.ipynb #7a3c2e10
+def informative_words(documents: Sequence[str], max_share: float = 0.5) -> frozenset[str]:
+    "Words that occur in at least one and at most `max_share` of the documents: the words that tell items apart."
+    frequency = collections.Counter(w for d in documents for w in set(text_tokens(d)))
+    return frozenset(w for w, n in frequency.items() if n <= max_share * len(documents))
+
+def names_an_item(query: str | None, words: frozenset[str]) -> bool:
+    "True when a query contains an informative word of the catalogue."
+    return bool(query) and any(w in words for w in text_tokens(query))
+
 # %% ../nbs/02_data.ipynb #db3acf69
+SPLITS = ("train", "valid", "test")
+
 @dataclass
 class SearchTask:
     "Known-item product search: a catalogue of item documents, queries per split, graded relevance."
@@ -191,6 +214,7 @@ class SearchTask:
     queries: dict[str, pd.DataFrame]  # split -> query_id, query, item_id, ambiguous, item features, interaction
     item_features: list[str]
     reviews: pd.DataFrame | None = None  # the training reviews the documents are made of: item_id, text
+    dropped: dict = field(default_factory=dict)  # rows left out while building, by cause
 
     def relevance(self, split: str, ambiguous: bool | None = False) -> torch.Tensor:
         "Graded relevance [Q, N]: 2 = the query's item, 1 = same first item feature (class), 0 = other."
@@ -209,6 +233,18 @@ class SearchTask:
             raise KeyError(f"Unknown split {split!r}; the task has {list(self.queries)}.")
         q = self.queries[split]
         return q if ambiguous is None else q[q["ambiguous"] == ambiguous].reset_index(drop=True)
+
+    @property
+    def counts(self) -> dict:
+        "Queries each split measures (those that name an item) and sets apart (ambiguous), the catalogue, rows dropped by cause."
+        out = {"catalogue": len(self.items)}
+        for s, q in self.queries.items():
+            out[s], out[f"{s}_ambiguous"] = int((~q["ambiguous"]).sum()), int(q["ambiguous"].sum())
+        return {**out, **self.dropped}
+
+    def describe(self) -> str:
+        "The counts in one line."
+        return ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in self.counts.items())
 
     def summary(self) -> pd.DataFrame:
         "Query counts per split and slice, and the catalogue size."
@@ -232,41 +268,88 @@ def split_within_items(frame: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: i
     return labels
 
 def item_document(rows: pd.DataFrame, features: Sequence[str], max_reviews: int = 20) -> str:
-    "An item's text: its feature values, then its most helpful training reviews."
+    "An item's text: its feature values, then its most helpful distinct training reviews."
     head = " / ".join(str(rows[c].iloc[0]) for c in features)
     order = rows.sort_values("helpful_votes", ascending=False) if "helpful_votes" in rows else rows
-    return head + ". " + " ".join(order["text"].head(max_reviews))
+    return head + ". " + " ".join(order["text"].drop_duplicates().head(max_reviews))
+
+def without_copies(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Rows whose text copies an earlier row's, dropped (a copy could sit on both sides of a split), and how many.
+    A text repeated as an attribute is no copy: an item's one text on all its rows, or one user's text on all theirs."""
+    repeated = frame["text"].notna() & frame["text"].duplicated(keep=False)
+    if not repeated.any():
+        return frame, 0
+    rows = frame[repeated]
+    one_text_items = rows["item_id"].map(frame.groupby("item_id")["text"].nunique()).eq(1)
+    attribute = one_text_items.groupby(rows["text"]).transform("all") | rows.groupby("text")["user_id"].transform("nunique").eq(1)
+    copy = repeated & frame["text"].duplicated(keep="first") & ~attribute.reindex(frame.index, fill_value=False)
+    return frame[~copy], int(copy.sum())
 
 # %% ../nbs/02_data.ipynb #f995d24b
+MIN_QUERIES = 10  # per split: fewer cannot train a model, and NDCG on them spreads wider than any difference it could show
+
+def _query_rule(interactions: Interactions, documents: pd.Series, max_share: float):
+    "The test 'this query names an item' of the interactions' rule, and its words."
+    if interactions.query_rule == "garment":
+        words = garment_vocabulary(interactions)
+        return (lambda t: names_a_product(t, words)), words
+    words = informative_words(documents.tolist(), max_share)
+    return (lambda t: names_an_item(t, words)), words
+
 def build_search_task(interactions: Interactions, min_reviews: int = 5, max_queries_per_item: int = 5,
-                      max_train_queries_per_item: int = 50, seed: int = 0) -> SearchTask:
-    "Known-item search from any interactions with text and queries (e.g. review titles); seeded, leakage-free."
+                      max_train_queries_per_item: int = 50, seed: int = 0, min_queries: int = MIN_QUERIES,
+                      max_share: float = 0.5) -> SearchTask:
+    "Known-item search from any interactions with text and queries (e.g. review titles); seeded, leakage-free, counted."
     if not (interactions.has_text and interactions.has_query):
-        raise ValueError("Product search needs a `text` column (item descriptions) and a `query` column "
-                         "(short texts naming an item, e.g. review titles); pass text= and query= to from_table.")
-    frame = interactions.frame.drop_duplicates("text").rename_axis("interaction").reset_index()
-    counts = frame["item_id"].value_counts()
-    frame = frame[frame["item_id"].isin(counts.index[counts >= min_reviews])].reset_index(drop=True)
-    if frame.empty:
-        raise ValueError(f"No item has at least {min_reviews} interactions with text.")
-    frame["split"] = split_within_items(frame, seed=seed).to_numpy()
-    train = frame[frame["split"] == "train"]
+        raise DataError("Product search needs a `text` column (item descriptions) and a `query` column "
+                        "(short texts naming an item, e.g. review titles); pass text= and query= to from_table.")
+    with_text = interactions.frame[interactions.frame["text"].notna()]
+    frame, copies = without_copies(with_text)
+    dropped = {"rows": len(interactions.frame), "dropped_without_text": len(interactions.frame) - len(with_text),
+               "dropped_copied_text": copies}
+    frame = frame.rename_axis("interaction").reset_index()
+    item_texts = bool(frame.groupby("item_id")["text"].nunique().eq(1).all())
+    if item_texts:  # the text describes the item: every item is in the catalogue, and queries are split by item
+        frame["split"] = frame["item_id"].map(split_items(frame["item_id"], (0.7, 0.15, 0.15), seed)).to_numpy()
+        documented = frame
+    else:
+        counts = frame["item_id"].value_counts()
+        few = ~frame["item_id"].isin(counts.index[counts >= min_reviews])
+        dropped["dropped_items_with_few_texts"] = int(few.sum())
+        frame = frame[~few].reset_index(drop=True)
+        if frame.empty:
+            raise DataError(f"No item has at least {min_reviews} interactions with text (the most is {counts.max()}); "
+                            f"lower min_reviews= or use a table with more texts per item.")
+        frame["split"] = split_within_items(frame, seed=seed).to_numpy()
+        documented = frame[frame["split"] == "train"]
     features = interactions.item_features
-    items = (train.groupby("item_id", sort=True)
+    items = (documented.groupby("item_id", sort=True)
              .apply(lambda g: pd.Series({"document": item_document(g, features), "train_reviews": len(g),
                                          **{c: g[c].iloc[0] for c in features}}), include_groups=False)
              .reset_index())
+    if len(items) < 2:
+        raise DataError(f"The catalogue has {len(items)} item; search ranks items, so it needs at least 2.")
     items["popularity"] = items["train_reviews"] / items["train_reviews"].sum()
-    vocabulary = garment_vocabulary(interactions)
+    names_item, _ = _query_rule(interactions, items["document"], max_share)
     queries = {}
     for split, cap in [("train", max_train_queries_per_item), ("valid", max_queries_per_item), ("test", max_queries_per_item)]:
         q = frame[(frame["split"] == split) & frame["query"].notna()].copy()
-        q["ambiguous"] = ~q["query"].map(lambda t: names_a_product(t, vocabulary))
+        if item_texts:  # one text per item: a title repeated on its rows is one query
+            q = q.drop_duplicates(["item_id", "query"])
+        q["ambiguous"] = ~q["query"].map(names_item).astype(bool)
         q = q.groupby(["item_id", "ambiguous"], sort=True, group_keys=False).head(cap)
         q = q[["query", "item_id", "ambiguous", *features, "interaction"]].reset_index(drop=True)
         queries[split] = q.rename_axis("query_id").reset_index()
-    return SearchTask(items=items, queries=queries, item_features=list(features),
-                      reviews=train[["interaction", "item_id", "text"]].reset_index(drop=True))
+    task = SearchTask(items=items, queries=queries, item_features=list(features),
+                      reviews=documented[["interaction", "item_id", "text"]].reset_index(drop=True), dropped=dropped)
+    short = {s: task.counts[s] for s in SPLITS if task.counts[s] < min_queries}
+    if short:
+        rule = ("contains a garment word" if interactions.query_rule == "garment"
+                else f"shares a word with the catalogue that at most {max_share:.0%} of item documents use")
+        raise DataError(f"Too few queries name an item ({short}; need {min_queries} per split; a query counts when it {rule}). "
+                        f"{task.describe()}. Fix: a query column of texts that name items (titles, names), more rows per "
+                        f"item, or a lower min_queries=.")
+    return task
 
 # %% ../nbs/02_data.ipynb #9ba9213e
 @dataclass
@@ -275,11 +358,17 @@ class ScoringTask:
     splits: dict[str, pd.DataFrame]
     item_features: list[str]
     user_features: list[str]
+    dropped: dict = field(default_factory=dict)  # rows left out while building, by cause
 
     def split(self, name: str) -> pd.DataFrame:
         if name not in self.splits:
             raise KeyError(f"Unknown split {name!r}; the task has {list(self.splits)}.")
         return self.splits[name]
+
+    @property
+    def counts(self) -> dict:
+        "Rows per split and rows dropped, by cause."
+        return {**{s: len(d) for s, d in self.splits.items()}, **self.dropped}
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame({s: {"rows": len(d), "items": d["item_id"].nunique(), "mean_rating": d["rating"].mean(),
@@ -296,15 +385,24 @@ def split_items(item_ids: Sequence, fractions=(0.8, 0.1, 0.1), seed: int = 0) ->
     return dict(zip(unique, names))
 
 def build_scoring_task(interactions: Interactions, seed: int = 0) -> ScoringTask:
-    "Preference scoring from any interactions with text: split by item, rating kept as target only."
-    if not interactions.has_text:
-        raise ValueError("Preference scoring needs a `text` column; pass text= to from_table.")
-    frame = interactions.frame.drop_duplicates("text").reset_index(drop=True)
+    "Preference scoring from any interactions with text and ratings: split by item, rating kept as target only."
+    if not (interactions.has_text and interactions.has_rating):
+        raise DataError("Preference scoring needs a `text` column and a numeric `rating` column (the reward); "
+                        "pass text= and rating= to from_table.")
+    with_text = interactions.frame[interactions.frame["text"].notna()]
+    frame, copies = without_copies(with_text)
+    frame = frame.reset_index(drop=True)
     where = frame["item_id"].map(split_items(frame["item_id"], seed=seed))
     keep = ["user_id", "item_id", "text", *interactions.item_features, *interactions.user_features, "rating"]
     keep += [c for c in ("recommended",) if c in frame]
-    splits = {s: frame.loc[where == s, keep].reset_index(drop=True) for s in ("train", "valid", "test")}
-    return ScoringTask(splits, list(interactions.item_features), list(interactions.user_features))
+    splits = {s: frame.loc[where == s, keep].reset_index(drop=True) for s in SPLITS}
+    empty = [s for s, d in splits.items() if d.empty]
+    if empty:
+        raise DataError(f"Splitting {frame['item_id'].nunique()} items 80/10/10 leaves {empty} empty; preference scoring is "
+                        f"split by item, so it needs a table with at least 10 items.")
+    dropped = {"rows": len(interactions.frame), "dropped_without_text": len(interactions.frame) - len(with_text),
+               "dropped_copied_text": copies}
+    return ScoringTask(splits, list(interactions.item_features), list(interactions.user_features), dropped)
 
 # %% ../nbs/02_data.ipynb #680d8774
 class TextPairDataset(torch.utils.data.Dataset):

