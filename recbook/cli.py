@@ -52,8 +52,8 @@ def _setup(args) -> int:
 
 def _optimize(args) -> int:
     from recbook.pipeline import load_config, optimize
-    overrides = {k: getattr(args, k) for k in ("data", "item", "text", "query", "rating", "user", "encoder", "budget_ms",
-                                              "lam", "speedup", "seed")}
+    overrides = {k: getattr(args, k) for k in ("data", "sep", "encoding", "item", "text", "query", "rating", "user", "encoder",
+                                              "budget_ms", "lam", "speedup", "seed")}
     overrides["item_features"] = args.item_features.split(",") if args.item_features else None
     overrides["quick"] = True if args.quick else None
     overrides["knowledge"] = True if args.knowledge else None
@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     setup.set_defaults(run=_setup)
     run = commands.add_parser("optimize", help="the whole pipeline: train, compress, measure, choose, save, report")
     run.add_argument("--config", default=None, help="a TOML file with any PipelineConfig fields (flags override it)")
-    run.add_argument("--data", default=None, help="a .parquet/.csv/.tsv interactions table (default: the shipped reviews)")
+    run.add_argument("--data", default=None, help="an interactions table: CSV/TSV (also .gz/.bz2/.xz/.zip), JSON lines or "
+                     "parquet (default: the shipped reviews)")
+    run.add_argument("--sep", default=None, help="the separator of a --data text table (default: sniffed)")
+    run.add_argument("--encoding", default=None, help="the encoding of a --data text table (default: sniffed)")
     for column in ("item", "text", "query", "rating", "user"):
         run.add_argument(f"--{column}", default=None, help=f"the {column} column of --data")
     run.add_argument("--item-features", default=None, help="comma-separated item feature columns of --data")

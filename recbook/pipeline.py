@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, load_compressed, quantize_int8, save_compressed
 from .core import atomic_write_text, get_device, machine_info, measure_latencies, model_size
-from .data import Interactions, SearchTask, _read_table, build_search_task, clothing_interactions, from_table
+from .data import Interactions, SearchTask, build_search_task, clothing_interactions, from_table
+from .tables import read_table
 from .infer import (SearchService, StaleCacheError, catalogue_fingerprint, load_embeddings, model_fingerprint,
                            save_embeddings)
 from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
@@ -46,11 +47,13 @@ PIPELINE_SIZES = {
 @dataclass
 class PipelineConfig:
     "Everything a `recbook optimize` run depends on."
-    data: str | None = None               # a .parquet/.csv/.tsv table of interactions; None = the shipped reviews
+    data: str | None = None               # a table of interactions (chapter 01a's read_table); None = the shipped reviews
+    sep: str | None = None                # its separator and encoding: sniffed when not given
+    encoding: str | None = None
     item: str = "item"                    # column names in `data` (ignored for the shipped reviews)
     text: str = "text"
     query: str = "query"
-    rating: str = "rating"
+    rating: str | None = None             # optional: search needs none
     user: str | None = None               # optional: one anonymous user per row if absent
     item_features: list[str] = field(default_factory=list)
     encoder: str | None = None            # any Hugging Face name or local folder; None = the offline MiniLM
@@ -108,7 +111,7 @@ def load_interactions(config: PipelineConfig) -> Interactions:
     "The interactions a run works on: the shipped reviews, or the user's table read with `from_table`."
     if config.data is None:
         return clothing_interactions()
-    table = _read_table(Path(config.data))
+    table = read_table(config.data, sep=config.sep, encoding=config.encoding, ids=[config.item, config.user or config.item])
     if config.user is None:
         table = table.assign(_user=np.arange(len(table)))
     return from_table(table, user=config.user or "_user", item=config.item, rating=config.rating, text=config.text,
@@ -164,13 +167,13 @@ def with_knowledge(task: SearchTask, log: logging.Logger | None = None) -> Searc
         (log or logging.getLogger(__name__)).info("knowledge: WordNet not prepared (recbook setup wordnet); taxonomy and terms only")
     graph = knowledge_graph(task, wordnet=lexicon)
     items = task.items.assign(document=with_item_facts(task.items["document"], task.items["item_id"], graph, task.item_features))
-    return SearchTask(items, task.queries, task.item_features, task.reviews)
+    return dataclasses.replace(task, items=items)
 
 def _subset(task: SearchTask, n: int | None) -> SearchTask:
     "The task with at most n queries in valid and test (seeded), the catalogue unchanged."
     cut = lambda q: q if n is None or len(q) <= n else q.sample(n=n, random_state=0).sort_index().reset_index(drop=True)
     queries = {s: (cut(q) if s != "train" else q) for s, q in task.queries.items()}
-    return SearchTask(task.items, queries, task.item_features, task.reviews)
+    return dataclasses.replace(task, queries=queries)
 
 def _training_pairs(task: SearchTask, n: int | None, augment: str | None = None, seed: int = 0) -> tuple[list, list, list]:
     q = task.split("train")
@@ -352,7 +355,10 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     sizes = config.size()
     log.info("recbook optimize: %s", json.dumps(dataclasses.asdict(config)))
     resolve_encoder(config.encoder)  # a bad model name or folder fails here, before any work
-    task = _subset(build_search_task(load_interactions(config), seed=config.seed), sizes["eval_queries"])
+    task = build_search_task(load_interactions(config), seed=config.seed)
+    counts = task.counts  # before the evaluation subset: what the data holds
+    log.info("task: %s", task.describe())
+    task = _subset(task, sizes["eval_queries"])
     if config.knowledge:
         task = with_knowledge(task, log)
     stages = StageCache(out / "stages", log)
@@ -397,6 +403,7 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     example = next((q.iloc[0] for q in (task.split("test")["query"], task.split("valid")["query"]) if len(q)), "")
     results = {"config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
                "catalogue": len(task.items), "valid_queries": len(task.split("valid")), "test_queries": len(task.split("test")),
+               "task_counts": counts,
                "variants": table.reset_index().to_dict(orient="records"), "chosen": chosen, "selection": rule,
                "export": export.relative_to(out).as_posix(), "example_query": str(example),
                "stages": {"ran": stages.ran, "reused": stages.reused, "seconds": stages.seconds},
@@ -564,6 +571,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"- data: {c['data'] or 'shipped Women’s E-Commerce Clothing Reviews'}; catalogue {results['catalogue']} items; "
         f"{results['valid_queries']} validation and {results['test_queries']} test queries measured "
         f"(fingerprint {results['task_fingerprint']})",
+        f"- the task: {', '.join(f'{k.replace(chr(95), chr(32))} {v:,}' for k, v in results.get('task_counts', {}).items())}",
         f"- encoder: {c['encoder'] or 'sentence-transformers/all-MiniLM-L6-v2 (offline wheel)'}; size: {'quick' if c['quick'] else 'full'}; seed {c['seed']}",
         f"- machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}, torch {m.get('torch')}",

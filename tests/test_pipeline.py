@@ -305,3 +305,28 @@ def test_selection_reports_ties_and_how_close_it_came_to_the_budget():
                                   {"selection": why, "chosen": chosen}))
     assert "Within noise of 1-layer distilled" in notes and "58% of the budget" in notes
     assert "over the budget within noise: 2-layer distilled" in notes and "spread several times the median" in notes
+
+
+@pytest.mark.parametrize("script", ["cjk", "cyrillic"])
+def test_a_foreign_table_is_measured_on_the_queries_the_report_states(script, tiny_encoder, tmp_path):
+    from test_foreign_tables import reviews
+    path = tmp_path / "table.csv.gz"
+    reviews(script, per_item=24).drop(columns="stars").to_csv(path, index=False, sep=";")  # no rating column
+    results = optimize(load_config(encoder=tiny_encoder, data=str(path), item="item", text="body", query="title",
+                                   user="user", quick=True, sizes=SIZES, budget_ms=1e6), tmp_path / "out", progress=False)
+    counts = results["task_counts"]
+    assert 0 < results["valid_queries"] <= counts["valid"] and 0 < results["test_queries"] <= counts["test"]
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert f"{results['valid_queries']} validation and {results['test_queries']} test queries measured" in report
+    assert results["example_query"] in report and load_optimized(tmp_path / "out").search(results["example_query"], k=3)["item_id"].str.len().eq(5).all()
+
+
+def test_a_table_whose_queries_name_nothing_stops_before_training(tiny_encoder, tmp_path):
+    from recbook.data import DataError
+    table = pd.DataFrame({"item": [f"{i % 12:03d}" for i in range(240)], "body": [f"review {i} of a thing" for i in range(240)],
+                          "title": ["great"] * 240})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match="Too few queries name an item"):
+        optimize(load_config(encoder=tiny_encoder, data=str(tmp_path / "t.csv"), item="item", text="body", query="title",
+                             quick=True, sizes=SIZES), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "stages").exists()  # no stage ran: nothing trained on zero pairs
