@@ -82,18 +82,24 @@ class AssetError(RuntimeError):
     "A site asset is neither cached nor fetchable; the message is the one line a reader needs."
 
 
+def _npm_reason(stderr: str) -> str:
+    "The line of npm's error report that says what went wrong (not its codes, stack or log path)."
+    noise = ("code ", "syscall ", "errno ", "at ", "A complete log", "}")
+    lines = [line.removeprefix("npm error").strip() for line in stderr.splitlines() if line.startswith("npm error")]
+    return next((line for line in lines if line and not line.startswith(noise)), "no tarball written")
+
+
 def _npm_pack(spec: str, into: Path) -> Path:
     "Download an npm package's tarball with npm itself (which checks the registry's checksum)."
     npm = shutil.which("npm")
     if npm is None:
         raise AssetError(f"{spec} is not in {CACHE} and npm is not installed: install Node.js/npm once "
                          f"(apt-get install npm) or set RECBOOK_SITE_CACHE to a folder that has it")
-    done = subprocess.run([npm, "pack", spec, "--silent", "--pack-destination", str(into)],
+    done = subprocess.run([npm, "pack", spec, "--loglevel=error", "--pack-destination", str(into)],
                           capture_output=True, text=True, timeout=300)
     tarballs = list(into.glob("*.tgz"))
     if done.returncode != 0 or len(tarballs) != 1:
-        last = (done.stderr.strip().splitlines() or ["no tarball written"])[-1]
-        raise AssetError(f"could not fetch {spec} from the npm registry into {CACHE} ({last}); "
+        raise AssetError(f"could not fetch {spec} from the npm registry into {CACHE} ({_npm_reason(done.stderr)}); "
                          f"build once with access to the registry, later builds work offline")
     return tarballs[0]
 
