@@ -248,11 +248,29 @@ def test_pages_load_nothing_from_other_hosts(site):
     assert not found, found[:20]
 
 
+# Loads a chapter in a same-origin frame and counts the code cells and outputs whose lines overflow sideways.
+WRAP_PROBE = """<!doctype html><html><body><iframe id="page" src="/{chapter}/" style="width:1280px;height:900px"></iframe>
+<script>
+document.getElementById("page").onload = () => setTimeout(() => {{
+  const cells = [...document.getElementById("page").contentDocument.querySelectorAll(".jupyter-wrapper pre")];
+  document.body.dataset.cells = cells.length;
+  document.body.dataset.wide = cells.filter(pre => pre.scrollWidth > pre.clientWidth + 1).length;
+}}, 500);
+</script></body></html>"""
+
+
 def test_long_code_lines_wrap(site):
-    _, out, _, _ = site
-    css = (out / "assets" / "stylesheets" / "book.css").read_text()
-    assert "white-space: pre-wrap" in css and "highlight-ipynb pre" in css
-    assert "assets/stylesheets/book.css" in (out / "01_objective" / "index.html").read_text()
+    _, out, url, _ = site
+    for chapter in ("01_objective", "02_data"):  # both have code lines of 120+ characters
+        probe = out / f"_wrap_probe_{chapter}.html"
+        probe.write_text(WRAP_PROBE.format(chapter=chapter))
+        try:
+            done = chromium(SETTLE, "--dump-dom", f"{url}/{probe.name}")
+        finally:
+            probe.unlink()
+        found = re.search(r'<body data-cells="(\d+)" data-wide="(\d+)"', done.stdout)
+        assert found and int(found[1]) > 5, done.stdout[-500:]
+        assert found[2] == "0", f"{found[2]} of {found[1]} code cells or outputs of {chapter} scroll sideways"
 
 
 def test_chapter_screenshot_shows_typeset_math(site):
