@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import BenchResult, get_device, measure_latency, model_size, save_results, seed_everything
+from .core import BenchResult, _plain_tensors, get_device, measure_latency, model_size, save_results, seed_everything
 from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
 from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _scoring_inputs, ensure_teacher, read_model_config,
                            save_model, scoring_report, search_report, train_bi_encoder, train_scorer)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
-__all__ = ['COMPRESSION_SIZES', 'encoder_linears', 'magnitude_prune', 'sparsity_of', 'drop_layers', 'evenly_spaced', 'prune_ffn',
-           'head_importance', 'apply_head_pruning', 'prune_heads', 'quantize_int8', 'half_precision', 'export_onnx',
-           'OnnxBiEncoder', 'distill_bi_encoder', 'save_compressed', 'load_compressed', 'measure_variant',
-           'compression_study', 'compression_table', 'measure_scorer', 'scoring_compression_study', 'scoring_table',
-           'bench']
+__all__ = ['INT8_MODES', 'INT8_FILES', 'COMPRESSION_SIZES', 'encoder_linears', 'magnitude_prune', 'sparsity_of', 'drop_layers',
+           'evenly_spaced', 'prune_ffn', 'head_importance', 'apply_head_pruning', 'prune_heads', 'quantize_rows',
+           'RowwiseInt8Linear', 'Int8Embedding', 'quantize_int8', 'half_precision', 'export_onnx', 'OnnxBiEncoder',
+           'distill_bi_encoder', 'save_compressed', 'load_compressed', 'measure_variant', 'compression_study',
+           'compression_table', 'measure_scorer', 'scoring_compression_study', 'scoring_table', 'bench']
 
 # %% ../nbs/04_compression.ipynb #fd079b60
 def encoder_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -132,18 +132,106 @@ def prune_heads(model: BiEncoder, keep: int) -> BiEncoder:
     return apply_head_pruning(copy.deepcopy(model), kept)
 
 # %% ../nbs/04_compression.ipynb #4b7fecb5
-def quantize_int8(model: nn.Module, embeddings: bool = False) -> nn.Module:
-    "A CPU copy with encoder Linear layers in dynamic int8 and, if `embeddings`, embedding tables in weight-only int8."
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Symmetric int8 codes of each row of `x` [rows, features] and the row scales [rows, 1]: x ~ scale * codes."
+    largest = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+    scale = largest.clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+class RowwiseInt8Linear(nn.Module):
+    """`nn.Linear` in int8: weights with one scale per output channel, inputs with one scale per row (token),
+    so a row's output never depends on the other rows of the batch, padding included."""
+    block_rows = 512  # rows per int8 product: the float temporaries of a block stay small enough to reuse memory
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # stored [in, out], the layout torch._int_mm multiplies fastest; codes are frozen, not trainable
+        self.weight = nn.Parameter(torch.zeros(in_features, out_features, dtype=torch.int8), requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "RowwiseInt8Linear":
+        "Quantize a float Linear: codes round(w / s) with s = max |w| / 127 per output channel."
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        codes, scale = quantize_rows(linear.weight.detach().float().cpu())
+        new.weight.data.copy_(codes.T)  # into [in, out] row-major: torch._int_mm misreads degenerate strides
+        new.weight_scale = scale.squeeze(1)
+        if linear.bias is not None:
+            new.bias.data = linear.bias.detach().float().cpu().clone()
+        return new
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = quantize_rows(x)
+        out = torch._int_mm(codes, self.weight).float().mul_(scale).mul_(self.weight_scale)  # exact int32 sums, then rescale
+        return out if self.bias is None else out.add_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        out = self._block(rows) if len(rows) <= self.block_rows else torch.cat([self._block(b) for b in rows.split(self.block_rows)])
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+class Int8Embedding(nn.Module):
+    "Weight-only int8 embedding table: 8-bit codes with a scale and an offset per row, dequantized as rows are read."
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8), requires_grad=False)
+        self.register_buffer("scale", torch.ones(num_embeddings, 1))
+        self.register_buffer("offset", torch.zeros(num_embeddings, 1))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        "Codes round((e - min) / s) in 0..255 with s = (max - min) / 255 per row."
+        table = embedding.weight.detach().float().cpu()
+        low, high = table.amin(1, keepdim=True), table.amax(1, keepdim=True)
+        new = cls(*table.shape)
+        new.scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+        new.offset = low
+        new.weight.data = ((table - low) / new.scale).round().clamp(0, 255).to(torch.uint8)
+        return new
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scale[ids] + self.offset[ids]
+
+INT8_MODES = ("rowwise", "dynamic")
+
+def _replace(module: nn.Module, kind: type, make) -> None:
+    "Swap every child of type `kind` (at any depth) for `make(child)`."
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, make(child))
+        else:
+            _replace(child, kind, make)
+
+def _quantize_dynamic(encoder: nn.Module, embeddings: bool) -> nn.Module:
+    "torch's dynamic int8 (one activation scale per tensor per call), kept as the measured comparison."
     from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
     import warnings
-    small = copy.deepcopy(model).to("cpu").eval()
     spec = {nn.Linear: default_dynamic_qconfig}
     if embeddings:
-        spec[nn.Embedding] = float_qparams_weight_only_qconfig  # per-row scale and offset, 8-bit codes
+        spec[nn.Embedding] = float_qparams_weight_only_qconfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices; the rationale is in the text above
-        small.encoder = quantize_dynamic(small.encoder, spec, dtype=torch.qint8)
-    small.quantized, small.int8_embeddings = "int8-dynamic", embeddings
+        return quantize_dynamic(encoder, spec, dtype=torch.qint8)
+
+def quantize_int8(model: nn.Module, embeddings: bool = False, mode: str = "rowwise") -> nn.Module:
+    """A CPU copy with the encoder's Linear layers in int8 and, if `embeddings`, its embedding tables in weight-only int8.
+    `mode="rowwise"` (per-token activation scales) is batch-independent; `"dynamic"` is torch's per-tensor scheme."""
+    if mode not in INT8_MODES:
+        raise ValueError(f"Unknown int8 mode {mode!r}; choose one of {INT8_MODES}.")
+    small = copy.deepcopy(model).to("cpu").eval()
+    if mode == "dynamic":
+        small.encoder = _quantize_dynamic(small.encoder, embeddings)
+    else:
+        _replace(small.encoder, nn.Linear, RowwiseInt8Linear.from_linear)
+        if embeddings:
+            _replace(small.encoder, nn.Embedding, Int8Embedding.from_embedding)
+    small.quantized, small.int8_embeddings = f"int8-{mode}", embeddings
     return small
 
 def half_precision(model: BiEncoder, dtype: torch.dtype = torch.bfloat16) -> BiEncoder:
@@ -235,23 +323,32 @@ def distill_bi_encoder(student: BiEncoder, teacher: BiEncoder | None, queries: S
                             desc="distil" if teacher is not None else "train student")
 
 # %% ../nbs/04_compression.ipynb #e90b7a17
+INT8_FILES = {"int8-rowwise": "int8_state.safetensors", "int8-dynamic": "int8_state.pt"}
+
+def _save_int8(model: nn.Module, folder: Path) -> None:
+    "Encoder config, tokenizer and int8 state: plain tensors as safetensors; torch's packed dynamic state as a torch file."
+    from safetensors.torch import save_file
+    model.encoder.config.save_pretrained(folder / "encoder")
+    model.tokenizer.save_pretrained(folder / "encoder")
+    if model.quantized == "int8-rowwise":
+        save_file(_plain_tensors(model.encoder.state_dict()), str(folder / INT8_FILES["int8-rowwise"]))
+    else:
+        torch.save(model.encoder.state_dict(), folder / INT8_FILES["int8-dynamic"])
+    if getattr(model, "head", None) is not None:
+        save_file(_plain_tensors(model.head.state_dict()), str(folder / "head.safetensors"))
+    (folder / "recbook.json").write_text(json.dumps(model.config(), indent=2))
+
 def save_compressed(model: nn.Module, path: str | Path) -> Path:
-    "Save a compressed bi-encoder or scorer: fp32/fp16 weights as safetensors, int8 state as a weights-only torch file."
+    "Save a compressed bi-encoder or scorer: weights as safetensors (torch's packed dynamic int8 as a weights-only torch file)."
     path = Path(path)
     quantized = getattr(model, "quantized", None)
-    if quantized != "int8-dynamic":
+    if quantized not in INT8_FILES:
         saved = save_model(model, path)
     else:
-        from safetensors.torch import save_file
         saved = path
         tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None))
         try:
-            model.encoder.config.save_pretrained(tmp / "encoder")
-            model.tokenizer.save_pretrained(tmp / "encoder")
-            torch.save(model.encoder.state_dict(), tmp / "int8_state.pt")
-            if getattr(model, "head", None) is not None:
-                save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
-            (tmp / "recbook.json").write_text(json.dumps(model.config(), indent=2))
+            _save_int8(model, tmp)
             if path.exists():
                 shutil.rmtree(path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +361,13 @@ def save_compressed(model: nn.Module, path: str | Path) -> Path:
     (saved / "recbook.json").write_text(json.dumps(meta, indent=2))
     return saved
 
+def _load_int8_state(model: nn.Module, path: Path, quantized: str) -> None:
+    from safetensors.torch import load_file
+    if quantized == "int8-rowwise":
+        model.encoder.load_state_dict(load_file(str(path / INT8_FILES[quantized])))
+    else:
+        model.encoder.load_state_dict(torch.load(path / INT8_FILES[quantized], weights_only=True))
+
 def load_compressed(path: str | Path, device=None) -> nn.Module:
     "Load a model saved by `save_compressed`: rebuild pruned heads and int8 layers, then load the weights (no pickled code)."
     from safetensors.torch import load_file
@@ -272,25 +376,28 @@ def load_compressed(path: str | Path, device=None) -> nn.Module:
     meta = read_model_config(path)
     kept_heads, quantized = meta.pop("kept_heads", None), meta.pop("quantized", None)
     int8_embeddings = meta.pop("int8_embeddings", False)
+    if quantized not in (None, "float16", "bfloat16", *INT8_FILES):
+        raise ValueError(f"{path / 'recbook.json'} records the quantization {quantized!r}, which this recbook cannot load; "
+                         f"known: {['float16', 'bfloat16', *INT8_FILES]}. Compress the model again with this version.")
     cls = MODEL_KINDS.get(meta.pop("kind", None))
     if cls is None:
         raise ValueError(f"{path / 'recbook.json'} names an unknown model kind; expected one of {list(MODEL_KINDS)}.")
     config = AutoConfig.from_pretrained(path / "encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
-    if quantized == "int8-dynamic" or kept_heads:
+    if quantized in INT8_FILES or kept_heads:
         model = cls(AutoModel.from_config(config), tokenizer, **meta)
         if kept_heads:
             apply_head_pruning(model, kept_heads)
-        if quantized == "int8-dynamic":
-            model = quantize_int8(model, embeddings=int8_embeddings)
-            model.encoder.load_state_dict(torch.load(path / "int8_state.pt", weights_only=True))
+        if quantized in INT8_FILES:
+            model = quantize_int8(model, embeddings=int8_embeddings, mode=quantized.removeprefix("int8-"))
+            _load_int8_state(model, path, quantized)
         else:
             model.encoder.load_state_dict(load_file(str(path / "encoder" / "model.safetensors")), strict=False)
     else:
         model = cls(AutoModel.from_pretrained(path / "encoder"), tokenizer, **meta)
     if getattr(model, "head", None) is not None:
         model.head.load_state_dict(load_file(str(path / "head.safetensors")))
-    if quantized == "int8-dynamic":
+    if quantized in INT8_FILES:
         return model.eval()  # int8 kernels are CPU-only
     if quantized in ("float16", "bfloat16"):
         model = model.to(getattr(torch, quantized)); model.quantized = quantized
@@ -387,8 +494,9 @@ def compression_study(quick: bool = False, encoder: str | None = None, progress:
     add(f"{k}-layer student, distilled", student, kind="student", teacher_signal=True)
 
     if device.type == "cpu":
-        add("int8 dynamic (torch)", quantize_int8(teacher), kind="int8")
-        add("int8 dynamic + int8 embeddings (torch)", quantize_int8(teacher, embeddings=True), kind="int8")
+        add("int8 row-wise (torch)", quantize_int8(teacher), kind="int8")
+        add("int8 row-wise + int8 embeddings (torch)", quantize_int8(teacher, embeddings=True), kind="int8")
+        add("int8 dynamic (torch, batch-dependent)", quantize_int8(teacher, mode="dynamic"), kind="int8-dynamic")
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             add("int8 dynamic (ONNX Runtime peer)", OnnxBiEncoder(export_onnx(teacher, Path(tmp) / "onnx")), kind="onnx-int8")
         add(f"{k}-layer distilled + int8", quantize_int8(student), kind="combo")
@@ -453,8 +561,8 @@ def scoring_compression_study(quick: bool = False, encoder: str | None = None, p
     first, second = _scoring_inputs(task, train)
     train_scorer(student, first, second, train["rating"].to_numpy(), loss="reward", epochs=sizes["epochs"], progress=progress)
     if device.type == "cpu":
-        add("int8 dynamic", quantize_int8(teacher), kind="int8")
-        add("int8 dynamic + int8 embeddings", quantize_int8(teacher, embeddings=True), kind="int8")
+        add("int8 row-wise", quantize_int8(teacher), kind="int8")
+        add("int8 row-wise + int8 embeddings", quantize_int8(teacher, embeddings=True), kind="int8")
     add(f"{k}-layer student, recovered", student, kind="layers")
     if device.type == "cpu":
         add(f"{k}-layer student + int8 + int8 embeddings", quantize_int8(student, embeddings=True), kind="combo")

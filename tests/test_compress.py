@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch import nn
 
-from recbook.compress import (apply_head_pruning, distill_bi_encoder, drop_layers, evenly_spaced, export_onnx,
-                              head_importance, load_compressed, magnitude_prune, OnnxBiEncoder, prune_ffn, prune_heads,
-                              quantize_int8, save_compressed, sparsity_of)
+from recbook.compress import (Int8Embedding, RowwiseInt8Linear, apply_head_pruning, distill_bi_encoder, drop_layers,
+                              evenly_spaced, export_onnx, head_importance, load_compressed, magnitude_prune, OnnxBiEncoder,
+                              prune_ffn, prune_heads, quantize_int8, quantize_rows, save_compressed, sparsity_of)
 from recbook.core import model_size
 from recbook.model import BiEncoder
 
@@ -86,16 +87,66 @@ def test_prune_heads_equals_zeroing_their_output(tiny):
 
 
 def test_int8_is_close_and_smaller(tiny):
-    q = quantize_int8(tiny)
-    cos = (q.encode(TEXTS) * tiny.encode(TEXTS)).sum(1)
-    assert cos.min() > 0.9
-    assert model_size(q).disk_bytes < model_size(tiny).disk_bytes
+    for mode in ("rowwise", "dynamic"):
+        q = quantize_int8(tiny, mode=mode)
+        cos = (q.encode(TEXTS) * tiny.encode(TEXTS)).sum(1)
+        assert cos.min() > 0.9
+        assert model_size(q).disk_bytes < model_size(tiny).disk_bytes
+    assert quantize_int8(tiny).quantized == "int8-rowwise"  # the default is the batch-independent scheme
+    with pytest.raises(ValueError, match="mode"):
+        quantize_int8(tiny, mode="static")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), inputs=st.integers(1, 70), outputs=st.integers(1, 50), bias=st.booleans(),
+       log_scale=st.floats(-4, 3), seed=st.integers(0, 2**16))
+def test_rowwise_linear_is_the_dequantized_float_product(rows, inputs, outputs, bias, log_scale, seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(inputs, outputs, bias=bias)
+    layer = RowwiseInt8Linear.from_linear(linear)
+    x = torch.randn(rows, inputs) * 10 ** log_scale * torch.rand(rows, 1)  # rows of very different sizes
+    codes, scale = quantize_rows(x)
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 127
+    assert ((codes.float() * scale - x).abs() <= scale / 2 * (1 + 1e-5) + 1e-30).all()  # half a step per row at most
+    weights = layer.weight.float() * layer.weight_scale  # dequantized [in, out]
+    reference = (codes.float() * scale) @ weights + (layer.bias if bias else 0)
+    with torch.no_grad():
+        out = layer(x)
+        torch.testing.assert_close(out, reference, atol=1e-5 * reference.abs().max().item() + 1e-30, rtol=1e-4)
+        exact = linear(x)
+        # int8 weights and inputs: a relative error of a few 1/127 steps at most
+        assert (out - exact).norm() <= 0.03 * exact.norm() + 1e-6 * (1 + exact.norm())
+        assert torch.equal(layer(x[-1:]), out[-1:])  # a row alone gives the same bits as inside the batch
+
+
+def test_rowwise_linear_rows_never_see_each_other():
+    torch.manual_seed(0)
+    layer = RowwiseInt8Linear.from_linear(nn.Linear(16, 8))
+    layer.block_rows = 3  # several blocks: block boundaries must not matter either
+    x = torch.randn(10, 16)
+    noisy = torch.cat([x[:4], torch.randn(5, 16) * 1e4, x[4:]])  # huge batch-mates in the middle
+    with torch.no_grad():
+        assert torch.equal(layer(noisy)[[0, 1, 2, 3, 9, 10, 11, 12, 13, 14]], layer(x))
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 8)
+
+
+def test_int8_query_is_the_same_alone_in_a_batch_and_padded(tiny):
+    q = quantize_int8(tiny, embeddings=True)
+    words = "black maxi dress with long sleeves for a summer wedding in june light linen".split()
+    queries = [" ".join(words[i % 5:i % 5 + 1 + i % 11]) for i in range(64)]  # 64 queries of 1 to 11 words
+    batched = q.encode(queries, max_length=32)
+    alone = torch.cat([q.encode([t], max_length=32) for t in queries[:8]])
+    torch.testing.assert_close(alone, batched[:8], atol=1e-6, rtol=0)
+    padded = q.tokenizer(queries[:8], padding="max_length", max_length=48, return_tensors="pt")
+    torch.testing.assert_close(q.embed(dict(padded)), batched[:8], atol=1e-6, rtol=0)
 
 
 def test_int8_embeddings_are_per_row_affine_codes(tiny):
     q = quantize_int8(tiny, embeddings=True)
     original = tiny.encoder.embeddings.word_embeddings.weight.detach()
-    restored = q.encoder.embeddings.word_embeddings.weight().dequantize()
+    table = q.encoder.embeddings.word_embeddings
+    assert isinstance(table, Int8Embedding) and table.weight.dtype == torch.uint8
+    restored = table(torch.arange(len(original)))
     step = (original.max(1).values - original.min(1).values) / 255  # one 8-bit step per row
     assert ((restored - original).abs() <= step[:, None] / 2 + 1e-6).all()
     assert (q.encode(TEXTS) * tiny.encode(TEXTS)).sum(1).min() > 0.9
@@ -110,17 +161,30 @@ def test_int8_scorer_round_trips(tmp_path, tiny):
     scorer = quantize_int8(CrossEncoderScorer(tiny.encoder, tiny.tokenizer), embeddings=True)
     back = load_compressed(save_compressed(scorer, tmp_path / "scorer"))
     assert isinstance(back, CrossEncoderScorer)
-    torch.testing.assert_close(back.score(TEXTS, TEXTS), scorer.score(TEXTS, TEXTS), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(back.score(TEXTS, TEXTS), scorer.score(TEXTS, TEXTS), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("make", ["heads", "int8", "int8+layers", "int8+embeddings", "ffn", "plain"])
+@pytest.mark.parametrize("make", ["heads", "int8", "int8+layers", "int8+embeddings", "int8 dynamic", "ffn", "plain"])
 def test_compressed_models_round_trip(tmp_path, tiny, make):
     variant = {"heads": lambda m: prune_heads(m, 2), "int8": quantize_int8,
                "int8+embeddings": lambda m: quantize_int8(m, embeddings=True),
                "int8+layers": lambda m: quantize_int8(prune_heads(drop_layers(m, [1, 3]), 3)),
+               "int8 dynamic": lambda m: quantize_int8(m, embeddings=True, mode="dynamic"),
                "ffn": lambda m: prune_ffn(m, 0.25), "plain": lambda m: m}[make](tiny)
     back = load_compressed(save_compressed(variant, tmp_path / make), device="cpu")
-    torch.testing.assert_close(back.encode(TEXTS), variant.encode(TEXTS), atol=1e-5, rtol=1e-4)
+    exact = make.startswith("int8")  # same int8 codes and scales: the same arithmetic
+    torch.testing.assert_close(back.encode(TEXTS), variant.encode(TEXTS), atol=1e-6 if exact else 1e-5, rtol=0 if exact else 1e-4)
+    assert getattr(back, "quantized", None) == getattr(variant, "quantized", None)
+    if make in ("int8", "int8+embeddings", "int8+layers"):
+        assert (tmp_path / make / "int8_state.safetensors").is_file() and not list((tmp_path / make).glob("*.pt"))
+
+
+def test_load_compressed_names_an_unknown_quantization(tmp_path, tiny):
+    path = save_compressed(quantize_int8(tiny), tmp_path / "int8")
+    meta = json.loads((path / "recbook.json").read_text())
+    (path / "recbook.json").write_text(json.dumps({**meta, "quantized": "int4-something"}))
+    with pytest.raises(ValueError, match="int4-something.*Compress the model again"):
+        load_compressed(path)
 
 
 def test_load_compressed_rejects_non_models(tmp_path):

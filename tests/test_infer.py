@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import tiny_bert
 from recbook.infer import (LRUCache, MicroBatcher, PADDING_STRATEGIES, SearchService, SentenceTransformersPeer,
@@ -207,6 +207,32 @@ def test_service_query_cache_counts_hits(tiny):
     service.embed_queries(["dress", "dress", "jeans"])
     service.embed_queries(["dress"])
     assert service.query_cache.hits >= 1 and len(service.query_cache) == 2
+
+
+WORDS = "black maxi dress with long sleeves for a summer wedding in june light linen denim jacket".split()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # tiny is only read
+@given(start=st.integers(0, len(WORDS) - 1), length=st.integers(1, 8), seed=st.integers(0, 10**6))
+def test_int8_service_answers_a_query_the_same_whatever_its_batch_or_history(tiny, start, length, seed):
+    """Row-wise int8: the query alone, inside a batch of 64 of other lengths, and served after a cache
+    warm-up by a batch that held it: the same ranked ids, scores within 1e-6."""
+    rng = np.random.default_rng(seed)
+    query = " ".join(WORDS[start:start + length])
+    others = [" ".join(rng.choice(WORDS, size=rng.integers(1, 12))) for _ in range(63)]
+    items = pd.DataFrame({"item_id": [f"sku{i}" for i in range(len(DOCS))], "document": DOCS})
+    service = SearchService(quantize_int8(tiny, embeddings=True), items, index="exact")
+    alone = service.encoder.encode([query], max_length=32)
+    batched = service.encoder.encode([*others[:20], query, *others[20:]], max_length=32)[20:21]
+    torch.testing.assert_close(batched, alone, atol=1e-6, rtol=0)
+    fresh = SearchService(service.encoder, items, index="exact", embeddings=service.embeddings).search(query, k=6, depth=0)
+    service.search([*others, query], k=6, depth=0)  # warm the cache with the query's batched embedding
+    served = service.search(query, k=6, depth=0)
+    assert service.query_cache.hits >= 1
+    assert served["item_id"].tolist() == fresh["item_id"].tolist()
+    np.testing.assert_allclose(served["retrieval_score"], fresh["retrieval_score"], atol=1e-6, rtol=0)
+    scores = (alone @ service.embeddings.T)[0]
+    np.testing.assert_allclose(served["retrieval_score"], scores.sort(descending=True).values.numpy(), atol=1e-6, rtol=0)
 
 
 @settings(max_examples=40, deadline=None)
