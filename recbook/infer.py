@@ -754,7 +754,7 @@ def inference_study(quick: bool = False, encoder: str | None = None, progress: b
             "cost_model": cost, "targets": inference_targets(cascade, encoding, hnsw_target(scaling))}
 
 def inference_targets(cascade: pd.DataFrame, encoding: pd.DataFrame, hnsw: dict | None = None) -> dict:
-    "The issue's targets, each with the measured value it was judged on (`hnsw` from `recbook.index.hnsw_target`)."
+    "The chapter's targets, each with the measured value it was judged on (`hnsw` from `recbook.index.hnsw_target`)."
     cascade_rows = cascade[(cascade["depth"] > 0) & (cascade["depth"] < cascade["depth"].max())]
     at_97 = cascade_rows[cascade_rows["retained"] >= 0.97]
     ours = encoding[encoding.index.str.startswith("recbook") & (encoding["ndcg_loss_points"] <= 1)]

@@ -241,7 +241,7 @@ def _candidates(config: PipelineConfig, stages: StageCache, task: SearchTask, te
         for name, folder in list(folders.items()):
             def build(out, folder=folder):
                 save_compressed(quantize_int8(load_model(folder), embeddings=True), out / "model")
-            key = content_key(folder.parent.name, "int8+embeddings")
+            key = content_key(folder.parent.name, "int8-rowwise+embeddings")  # the method is part of the key
             folders[f"{name} + int8"] = stages.run("int8", key, build) / "model"
     return folders
 
