@@ -93,7 +93,8 @@ def _search(args) -> int:
     queries = _checked_queries(args.queries)
     engine = load_optimized(args.folder)
     columns = _shown_columns(engine.items, args.columns)
-    items = engine.items.assign(snippet=engine.items["document"].astype(str).str.slice(0, 60)).set_index("item_id")
+    snippet = engine.items["document"].astype(str).str.lstrip(" .,;:|-").str.slice(0, 60)  # documents may open with a separator
+    items = engine.items.assign(snippet=snippet).set_index("item_id")
     for query, table in zip(queries, engine.search(queries, k=args.k)):
         shown = table[["item_id"]].join(items[[c for c in columns]], on="item_id")
         scores = table[[c for c in ("retrieval_score", "rerank_score") if c in table]].dropna(axis=1, how="all")
