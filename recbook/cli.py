@@ -83,7 +83,7 @@ def _shown_columns(items, wanted: str | None) -> list[str]:
         unknown = [c for c in columns if c not in items and c != "snippet"]
         if unknown:
             raise ValueError(f"--columns {unknown} not in the catalogue; choose from {['snippet', *items.columns]}.")
-        return columns
+        return [c for c in columns if c != "item_id"]  # the id is always shown
     named = [c for c in items.columns if str(c).lower() in ("name", "title", "product_name", "item_name")]
     return named[:1] or ["snippet"]
 
@@ -94,7 +94,7 @@ def _search(args) -> int:
     engine = load_optimized(args.folder)
     columns = _shown_columns(engine.items, args.columns)
     snippet = engine.items["document"].astype(str).str.lstrip(" .,;:|-").str.slice(0, 60)  # documents may open with a separator
-    items = engine.items.assign(snippet=snippet).set_index("item_id")
+    items = (engine.items if "snippet" in engine.items else engine.items.assign(snippet=snippet)).set_index("item_id")
     for query, table in zip(queries, engine.search(queries, k=args.k)):
         shown = table[["item_id"]].join(items[[c for c in columns]], on="item_id")
         scores = table[[c for c in ("retrieval_score", "rerank_score") if c in table]].dropna(axis=1, how="all")
@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"recbook {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `recbook search ... | head`: the reader left; not an error of the input
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (KeyError, IndexError):  # bugs, not input: show the traceback
+        raise
     except _user_errors() as error:
         if os.environ.get("RECBOOK_DEBUG"):
             raise

@@ -240,7 +240,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` through a temporary file and a rename, so readers never see half a file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+    # the writer's pid ends the temporary's name, so a later run can tell a killed writer's debris from live work
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp",
                                      delete=False, encoding="utf-8") as f:
         f.write(text)
         tmp = Path(f.name)

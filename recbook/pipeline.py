@@ -259,7 +259,7 @@ def _preferred(table: pd.DataFrame, names: Sequence[str]) -> str:
 
 def _overlap(low: pd.Series, high: pd.Series, name: str) -> list[str]:
     "The candidates whose interval [low, high] overlaps that of `name` (itself included)."
-    return [n for n in low.index if low[n] <= high[name] and low[name] <= high[n]]
+    return [n for n in low.index if n == name or (low[n] <= high[name] and low[name] <= high[n])]
 
 def _select(table: pd.DataFrame, config: PipelineConfig) -> tuple[str, dict]:
     """The chosen candidate and the rule that chose it, on validation NDCG@10 and median latency, stable under noise:
@@ -278,7 +278,7 @@ def _select(table: pd.DataFrame, config: PipelineConfig) -> tuple[str, dict]:
         ties = _overlap(low, high, p50.idxmin())
         chosen = _preferred(table, ties)
         return chosen, {**rule, "met": False, "within_noise": sorted(set(ties) - {chosen}),
-                        "note": f"no candidate meets {budget:.3g} ms; the fastest is chosen"}
+                        "note": f"no candidate meets {budget:.3g} ms; the fastest within noise (the most accurate of those) is chosen"}
     best = error[feasible].min()
     ties = [n for n in feasible if error[n] <= best + 1e-12]  # quality is deterministic: only exact ties
     chosen = _preferred(table, ties)
@@ -305,6 +305,8 @@ def is_run_folder(out: str | Path) -> bool:
     return (out / "stages").is_dir() and isinstance(earlier, dict) and {"config", "chosen", "stages"} <= set(earlier)
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there: never clean up on Windows
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -317,9 +319,9 @@ def _debris(out: Path) -> list[Path]:
     "Temporaries of killed runs: recbook's own `.tmp` names in `out`, stages/ and models/, whose writer is not alive."
     found = [p for p in out.glob(".*.tmp") if p.name.startswith(_OWN_TEMPORARIES)]
     found += [*out.glob("stages/.*.tmp"), *out.glob("models/.*.tmp")]  # these two folders hold only recbook's files
-    def dead(p):
+    def dead(p):  # names end in .<pid>.tmp; one without a pid is kept
         pid = p.name.rsplit(".", 2)[-2]
-        return not pid.isdigit() or (int(pid) != os.getpid() and not _alive(int(pid)))
+        return pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
     return [p for p in found if dead(p)]
 
 def claim_run_folder(out: str | Path) -> Path:
@@ -449,13 +451,22 @@ def _versions(models: Path) -> list[Path]:
     found = [p for p in models.glob("v*") if p.is_dir() and p.name[1:].isdigit()] if models.is_dir() else []
     return sorted(found, key=lambda p: int(p.name[1:]))
 
+def _intact(version: Path) -> bool:
+    "True if an export loads and its embeddings match its model and catalogue."
+    try:
+        load_optimized(version)
+    except (ValueError, StaleCacheError):
+        return False
+    return True
+
 def publish_export(out: Path, model_dir: Path, task: SearchTask, meta: dict, embeddings: torch.Tensor | None = None) -> Path:
     """Export into `out/models/v<n>` (a new version, unless one holds exactly this model and catalogue already) and
     point `out/models/CURRENT` at it in one rename. Earlier versions stay, so a reader can go back to one."""
     models = Path(out) / "models"
     models.mkdir(parents=True, exist_ok=True)
     versions = _versions(models)
-    same = [v for v in versions if _read_meta(v).get("export_key") == meta.get("export_key")]
+    same = [v for v in versions if meta.get("export_key") and _read_meta(v).get("export_key") == meta["export_key"]
+            and _intact(v)]  # a damaged version is never reused: running again repairs it
     version = same[-1] if same else export_search(
         model_dir, task, models / f"v{int(versions[-1].name[1:]) + 1 if versions else 1}", meta, embeddings)
     atomic_write_text(models / "CURRENT", version.name + "\n")
@@ -466,7 +477,10 @@ def current_export(path: str | Path) -> Path:
     path = Path(path)
     pointer = path / "models" / "CURRENT"
     if pointer.is_file():
-        version = path / "models" / pointer.read_text().strip()
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not (name.startswith("v") and name[1:].isascii() and name[1:].isdigit()):
+            raise ValueError(f"{pointer} names {name!r}, not a version v<n>; run `recbook optimize` again.")
+        version = path / "models" / name
         if not (version / "search.json").is_file():
             raise ValueError(f"{pointer} names {version.name}, which is missing or incomplete; run `recbook optimize` again.")
         return version
@@ -566,6 +580,7 @@ def write_report(results: dict, out: Path) -> Path:
     m, c = results["machine"], results["config"]
     best = table.loc[results["chosen"]]
     query = results.get("example_query") or "a query"
+    import shlex
     lines = [
         "# recbook optimize: report", "",
         f"- data: {c['data'] or 'shipped Women’s E-Commerce Clothing Reviews'}; catalogue {results['catalogue']} items; "
@@ -590,7 +605,7 @@ def write_report(results: dict, out: Path) -> Path:
         "", "![Pareto frontier](pareto.png)", "",
         f"The chosen model is saved in `{results.get('export', 'model')}`. Load it: "
         f"`recbook.load_optimized(\"<this folder>\").search({json.dumps(query, ensure_ascii=False)})`, or "
-        f"`recbook search <this folder> {json.dumps(query, ensure_ascii=False)}`.", ""]
+        f"`recbook search <this folder> {shlex.quote(query)}`.", ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
 
 def markdown_table(frame: pd.DataFrame) -> str:

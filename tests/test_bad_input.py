@@ -96,6 +96,8 @@ CLI_CASES = {  # name: (arguments built from the world and a fresh tmp_path, the
     "search: k zero": (lambda w, t: ["search", str(w["run"]), "dress", "-k", "0"], "must be a whole number >= 1"),
     "search: k negative": (lambda w, t: ["search", str(w["run"]), "dress", "-k", "-3"], "must be a whole number >= 1"),
     "search: k not a number": (lambda w, t: ["search", str(w["run"]), "dress", "-k", "ten"], "invalid _positive value"),
+    "search: unknown column, beside the id": (lambda w, t: ["search", str(w["run"]), "dress", "--columns", "item_id,price"],
+                                              "not in the catalogue"),
     "search: unknown column": (lambda w, t: ["search", str(w["run"]), "dress", "--columns", "price"], "not in the catalogue"),
     "search: invalid UTF-8 query": (lambda w, t: ["search", str(w["run"]), b"caf\xe9".decode("utf-8", "surrogateescape")],
                                     "not valid UTF-8"),
@@ -112,7 +114,7 @@ CLI_CASES = {  # name: (arguments built from the world and a fresh tmp_path, the
                                  "cannot be loaded"),
     "search: model file deleted": (lambda w, t: ["search", broken_copy(w, t, lambda e: model_file(e).unlink()), "dress"],
                                    "cannot be loaded"),
-    "search: tampered checkpoint": (lambda w, t: ["search", broken_copy(w, t, lambda e: model_file(e).write_bytes(
+    "search: a pickle where safetensors belongs": (lambda w, t: ["search", broken_copy(w, t, lambda e: model_file(e).write_bytes(
         pickle.dumps({"weights": Evil()}))), "dress"], "cannot be loaded"),
     "search: broken tokenizer.json": (lambda w, t: ["search", broken_copy(w, t, lambda e: next(
         (e / "model").rglob("tokenizer.json")).write_text("{not json")), "dress"], "cannot be loaded"),
@@ -146,9 +148,10 @@ CLI_CASES = {  # name: (arguments built from the world and a fresh tmp_path, the
     "optimize: empty data file": (lambda w, t: [*OPTIMIZE, "--data", str(w["user"] / "empty.csv"), "--item", "sku",
                                                 "--text", "body", "--query", "headline", "--out", str(t / "o")], "empty|no data|No columns"),
     "optimize: header only": (lambda w, t: [*OPTIMIZE, "--data", str(w["user"] / "header_only.csv"), "--item", "sku",
-                                            "--text", "body", "--query", "headline", "--out", str(t / "o")], "."),
+                                            "--text", "body", "--query", "headline", "--out", str(t / "o")], "No interactions|no rows|empty"),
     "optimize: binary garbage": (lambda w, t: [*OPTIMIZE, "--data", str(w["user"] / "garbage.csv"), "--item", "sku",
-                                               "--text", "body", "--query", "headline", "--out", str(t / "o")], "."),
+                                               "--text", "body", "--query", "headline", "--out", str(t / "o")],
+                                 "lacks the columns|corrupt"),
     "optimize: unknown encoding": (lambda w, t: [*OPTIMIZE, "--data", str(w["user"] / "mine.csv"), "--encoding", "klingon",
                                                  "--item", "sku", "--text", "body", "--query", "headline", "--out", str(t / "o")],
                                    "klingon"),
@@ -166,18 +169,18 @@ CLI_CASES = {  # name: (arguments built from the world and a fresh tmp_path, the
                                                 "label-preserving"),
     "optimize: unknown augmenter": (lambda w, t: [*OPTIMIZE, "--augment", "telepathy", "--out", str(t / "o")], "label-preserving"),
     "optimize: no such encoder folder": (lambda w, t: [*OPTIMIZE, "--encoder", str(t / "no-such-model"), "--out", str(t / "o")],
-                                         "."),
+                                         "no such folder"),
     "optimize: encoder folder without a model": (lambda w, t: [*OPTIMIZE, "--encoder", str(w["user"] / "notes"),
-                                                               "--out", str(t / "o")], "."),
+                                                               "--out", str(t / "o")], "not a Hugging Face model folder"),
     "optimize: unknown flag": (lambda w, t: [*OPTIMIZE, "--epochs", "3"], "unrecognized arguments"),
     # the rest of the command line
     "no command": (lambda w, t: [], "required: command"),
     "unknown command": (lambda w, t: ["train"], "invalid choice"),
     "bench: unknown chapter": (lambda w, t: ["bench", "nope"], "invalid choice"),
     "setup: unknown resource": (lambda w, t: ["setup", "glove"], "invalid choice"),
-    "setup: no such archive": (lambda w, t: ["setup", "wordnet", "--archive", str(t / "wn.tar.gz")], "."),
-    "setup: archive is not a tar": (lambda w, t: ["setup", "wordnet", "--archive", str(w["user"] / "not-a-tar.tar.gz")], "."),
-    "setup: archive without WordNet": (lambda w, t: ["setup", "wordnet", "--archive", str(w["user"] / "empty.tar.gz")], "."),
+    "setup: no such archive": (lambda w, t: ["setup", "wordnet", "--archive", str(t / "wn.tar.gz")], "not a readable .tar.gz"),
+    "setup: archive is not a tar": (lambda w, t: ["setup", "wordnet", "--archive", str(w["user"] / "not-a-tar.tar.gz")], "not a readable .tar.gz"),
+    "setup: archive without WordNet": (lambda w, t: ["setup", "wordnet", "--archive", str(w["user"] / "empty.tar.gz")], "holds no complete wordnet-3.0"),
 }
 
 
@@ -212,7 +215,7 @@ API_CASES = {  # name: (a call, the exception it must raise, the message)
     "load_optimized: no such folder": (lambda w, t: load_optimized(t / "nope"), ValueError, "not a folder written by"),
     "load_optimized: broken search.json": (lambda w, t: load_optimized(broken_copy(
         w, t, lambda e: (e / "search.json").write_text("{"))), ValueError, "not readable JSON"),
-    "load_optimized: tampered checkpoint": (lambda w, t: load_optimized(broken_copy(
+    "load_optimized: a pickle where safetensors belongs": (lambda w, t: load_optimized(broken_copy(
         w, t, lambda e: model_file(e).write_bytes(pickle.dumps(Evil())))), ValueError, "cannot be loaded"),
     "search: empty query": (lambda w, t: load_optimized(w["run"]).search(""), ValueError, "empty"),
     "search: None": (lambda w, t: load_optimized(w["run"]).search(None), TypeError, "must be a string"),

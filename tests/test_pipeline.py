@@ -202,6 +202,8 @@ def test_cli_optimize_rejects_bad_columns_and_search_answers(finished, own_table
     answer = run("search", str(out), "black maxi dress", "-k", "2")
     assert answer.returncode == 0 and answer.stdout.startswith("# black maxi dress")
     assert "retrieval_score" in answer.stdout and "rerank_score" not in answer.stdout  # no reranker: no empty column
+    from recbook.cli import main
+    assert main(["search", str(out), "dress", "-k", "2", "--columns", "item_id,snippet,category"]) == 0  # the id is always shown
     for args, message in [((str(tmp_path), "dress"), "not a folder written by"), ((str(out), "  "), "empty")]:
         refused = run("search", *args)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
@@ -264,12 +266,21 @@ def test_a_killed_runs_temporaries_are_cleaned_and_nothing_else(finished, tmp_pa
     for folder in debris:
         folder.mkdir(); (folder / "half.bin").write_text("...")
     (copy / f".pareto.png.{dead}.tmp").write_text("half")
-    (copy / "stages" / f".int8-abc.{os.getpid()}.tmp").mkdir()  # a live process's work in progress stays
-    (copy / "notes.tmp").write_text("the user's"); (copy / ".mine.1.tmp").write_text("the user's")
-    claim_run_folder(copy)
-    assert not any(p.exists() for p in debris) and not (copy / f".pareto.png.{dead}.tmp").exists()
-    assert (copy / "stages" / f".int8-abc.{os.getpid()}.tmp").is_dir()
-    assert (copy / "notes.tmp").read_text() == (copy / ".mine.1.tmp").read_text() == "the user's"
+    (copy / f".report.md.k3x9q.{dead}.tmp").write_text("half")  # atomic_write_text's names end in the pid too
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another process, still writing
+    try:
+        (copy / "stages" / f".int8-abc.{live.pid}.tmp").mkdir()
+        (copy / f".results.json.a1b2.{live.pid}.tmp").write_text("in flight")
+        (copy / "notes.tmp").write_text("the user's"); (copy / f".mine.{dead}.tmp").write_text("the user's")
+        (copy / ".pareto.png.tmp").write_text("no pid: kept")
+        claim_run_folder(copy)
+        assert not any(p.exists() for p in debris) and not (copy / f".pareto.png.{dead}.tmp").exists()
+        assert not (copy / f".report.md.k3x9q.{dead}.tmp").exists()
+        assert (copy / "stages" / f".int8-abc.{live.pid}.tmp").is_dir() and (copy / f".results.json.a1b2.{live.pid}.tmp").exists()
+        assert (copy / "notes.tmp").read_text() == (copy / f".mine.{dead}.tmp").read_text() == "the user's"
+        assert (copy / ".pareto.png.tmp").exists()
+    finally:
+        live.kill(); live.wait()
 
 
 def candidates_table(p50, half, quality, size_mb):
@@ -330,3 +341,18 @@ def test_a_table_whose_queries_name_nothing_stops_before_training(tiny_encoder, 
         optimize(load_config(encoder=tiny_encoder, data=str(tmp_path / "t.csv"), item="item", text="body", query="title",
                              quick=True, sizes=SIZES), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "stages").exists()  # no stage ran: nothing trained on zero pairs
+
+
+def test_current_names_only_a_version_and_a_damaged_version_is_not_reused(finished, tiny_encoder, own_table, tmp_path):
+    out, first = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for name in ("../../elsewhere", "/etc", "", "v1/../v1x"):
+        (copy / "models" / "CURRENT").write_text(name)
+        with pytest.raises(ValueError, match="not a version"):
+            load_optimized(copy)
+    (copy / "models" / "CURRENT").write_text("v1\n")
+    (copy / "models" / "v1" / "catalogue.safetensors").write_bytes(b"broken")
+    again = optimize(config_for(tiny_encoder, own_table, budget_ms=1e6), copy, progress=False)
+    assert again["chosen"] == first["chosen"] and again["export"] == "models/v2"  # running again repairs it
+    assert load_optimized(copy).meta["chosen"] == first["chosen"]
