@@ -200,9 +200,9 @@ class RecommendationTask:
         return {**out, **self.dropped}
 
     def save(self, folder: str | Path) -> Path:
-        "Write train.csv, valid.csv, test.csv (with the `target` flag), items.csv and task.json for any library to read."
+        "Write train.csv, valid.csv, test.csv (with the `target` flag and the tie-broken time order `position`), items.csv and task.json for any library."
         folder = Path(folder)
-        columns = [c for c in ("user_id", "item_id", "timestamp", "rating", "target") if c in self.rows]
+        columns = [c for c in ("user_id", "item_id", "timestamp", "rating", "target", "position") if c in self.rows]
         for period in ("train", *SPLITS):
             part = self.rows.loc[self.rows["period"] == period, columns]
             atomic_write_text(folder / f"{period}.csv", part.to_csv(index=False))
