@@ -22,6 +22,7 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "objective": "recbook.objective",
     "recommendation-data": "recbook.histories",
     "baseline": "recbook.model",
+    "recommendation": "recbook.recommend",
     "compression": "recbook.compress",
     "inference": "recbook.infer",
     "augmentation": "recbook.augment",
@@ -102,6 +103,17 @@ def _search(args) -> int:
         print(pd.concat([shown, scores], axis=1).to_string(index=False))
     return 0
 
+def _recommend(args) -> int:
+    from recbook.recommend import load_recommender
+    recommender = load_recommender(args.folder)
+    history = None if args.history is None else [i.strip() for i in args.history.split(",") if i.strip()]
+    if history is not None and not history:
+        raise ValueError("--history needs item ids separated by commas, oldest first (e.g. --history 50,172,181).")
+    top = recommender.recommend(user=args.user, history=history, k=args.k)
+    print(f"# {'user ' + args.user if args.user is not None else 'history ' + ','.join(history)}")
+    print(top.to_string(index=False))
+    return 0
+
 class _Parser(argparse.ArgumentParser):
     "argparse that reports a bad argument in one line, with where to read more."
     def error(self, message):
@@ -155,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--columns", default=None,
                         help="comma-separated item columns to show (default: a name/title column, else a text snippet)")
     search.set_defaults(run=_search)
+    recommend = commands.add_parser("recommend", help="top-k items for a user from a recommender saved by chapter 03b")
+    recommend.add_argument("folder", help="a saved recommender (e.g. DIR/recommender from `recbook bench recommendation --out DIR`)")
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", default=None, help="a user id the recommender knows")
+    who.add_argument("--history", default=None, help="item ids separated by commas, oldest first, for any other user")
+    recommend.add_argument("-k", type=_positive, default=10, help="how many items")
+    recommend.set_defaults(run=_recommend)
     bench = commands.add_parser("bench", help="re-run a chapter's experiment and write its JSON")
     bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which chapter's benchmark, or all in order")
     bench.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")
