@@ -12,9 +12,12 @@ PY="${PYTHON:-python3}"
 TORCH="torch==2.13.0"
 case "$NAME" in
   recbole)
-    # RecBole 1.2.1 uses np.float_ (removed in numpy 2): pin numpy 1.26.4 and a pandas/scipy that
-    # still build against it. Remaining torch-2.x issues are patched at import in recbole_sasrec.py.
-    PKGS=("recbole==1.2.1" "numpy==1.26.4" "$TORCH")
+    # RecBole 1.2.1 uses np.float_ (removed in numpy 2): pin numpy 1.26.4. Left alone pip picks
+    # pandas 3, which RecBole (2023) predates: pin pandas 2.3.3 (the line rectools resolves to).
+    # RecBole pins ray<=2.6.3, whose import needs pkg_resources (gone from setuptools>=81); only
+    # recbole.quick_start imports ray, the runner does not, but setuptools<81 keeps it importable.
+    # Remaining torch-2.x issues are patched at import in recbole_sasrec.py.
+    PKGS=("recbole==1.2.1" "numpy==1.26.4" "pandas==2.3.3" "setuptools<81" "$TORCH")
     ;;
   rectools)
     PKGS=("rectools[torch]==0.19.0" "$TORCH")
