@@ -98,6 +98,7 @@ def main(argv=None):
              "layer_norm_eps": 1e-12, "initializer_range": 0.02, "loss_type": "CE",
              "MAX_ITEM_LIST_LENGTH": pc.MAX_LEN, "learning_rate": 1e-3, "train_batch_size": 256,
              "weight_decay": 0.0, "learner": "adam"}
+    sys.argv = sys.argv[:1]  # RecBole's Config also parses --key=value from the command line
     config = Config(model="SASRec", dataset="split", config_dict={
         **hyper, "data_path": str(work), "benchmark_filename": ["train", "valid", "test"],
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": None,
