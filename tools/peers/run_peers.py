@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--out-dir", type=Path, default=Path("runs/peers"))
     a = p.parse_args(argv)
     split_dir = ensure_split(a.split_dir)
-    done = []
+    done, failed = [], []
     for name in a.peers:
         python = venv_python(name)
         if not python.exists():
@@ -68,6 +68,7 @@ def main(argv=None):
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
             if rc != 0:
                 print(f"{name} seed {seed}: failed (exit {rc}); see {out / 'log.txt'}")
+                failed.append(out)
                 continue
             meta = json.loads((out / "meta.json").read_text())
             print(f"{name} seed {seed}: {meta['epochs_run']} epochs ({meta['stopped_by']}), "
@@ -76,8 +77,8 @@ def main(argv=None):
             done.append(out)
     if done:
         print("score with: python tools/peers/score.py " + " ".join(map(str, done)))
-    return done
+    return done, failed
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    sys.exit(1 if main()[1] else 0)
