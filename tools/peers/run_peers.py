@@ -4,6 +4,7 @@ Runs in recbook's main venv (stdlib + pandas only; recbook itself is imported on
 
     python tools/peers/run_peers.py [--peers recbole rectools] [--seeds 0 1 2] [--quick]
                                     [--split-dir DIR] [--out-dir runs/peers] [--threads 2] [--epochs N]
+                                    [--patience P] [--time-limit S]
 
 Writes OUT_DIR/NAME-seedS/{topk.csv,valid_topk.csv,meta.json,log.txt} and prints one line per run.
 A peer whose venv (~/.cache/recbook/peers/NAME-venv) is missing is skipped with the command that makes it.
@@ -45,6 +46,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="max epochs (runner default: 200, quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads inside each peer")
     p.add_argument("--time-limit", type=float, default=None, help="seconds of training per run")
+    p.add_argument("--patience", type=int, default=None, help="early-stop patience in epochs (runner default 10)")
     p.add_argument("--split-dir", type=Path, default=Path("runs/peers/split"))
     p.add_argument("--out-dir", type=Path, default=Path("runs/peers"))
     a = p.parse_args(argv)
@@ -63,6 +65,7 @@ def main(argv=None):
             cmd += ["--quick"] if a.quick else []
             cmd += ["--epochs", str(a.epochs)] if a.epochs else []
             cmd += ["--time-limit", str(a.time_limit)] if a.time_limit else []
+            cmd += ["--patience", str(a.patience)] if a.patience else []
             t0 = time.perf_counter()
             with open(out / "log.txt", "w") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
