@@ -58,7 +58,8 @@ def main(argv=None):
             print(f"skip {name}: no venv at {python.parent.parent}; make it with: bash tools/peers/setup.sh {name}")
             continue
         for seed in a.seeds:
-            out = a.out_dir / f"{name}{'-quick' if a.quick else ''}-seed{seed}"
+            tag = ("-quick" if a.quick else "") + (f"-patience{a.patience}" if a.patience else "")
+            out = a.out_dir / f"{name}{tag}-seed{seed}"
             out.mkdir(parents=True, exist_ok=True)
             cmd = [str(python), "-u", str(HERE / PEERS[name]), str(split_dir), str(out), "--seed", str(seed),
                    "--threads", str(a.threads)]
