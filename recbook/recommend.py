@@ -29,11 +29,11 @@ from .model import BiEncoder, load_encoder
 from .tables import DataError
 
 # %% auto #0
-__all__ = ['ITEM_SOURCES', 'PAD', 'STUDY_SIZES', 'KNN_GRID', 'EASE_GRID', 'METRICS', 'RECOMMENDER_FILES', 'user_sequences',
+__all__ = ['ITEM_SOURCES', 'PAD', 'METRICS', 'STUDY_SIZES', 'KNN_GRID', 'EASE_GRID', 'RECOMMENDER_FILES', 'user_sequences',
            'interaction_matrix', 'item_knn_weights', 'item_knn_scores', 'ease_weights', 'ease_scores', 'pad_sequences',
            'attention_blocked', 'SequenceRecommender', 'training_windows', 'next_item_loss', 'sequence_scores',
            'fit_sequence_recommender', 'item_text_vectors', 'tune', 'top_k_latency', 'recommendation_study',
-           'summarise', 'Recommender', 'save_recommender', 'load_recommender', 'bench']
+           'summarise', 'topk_scores', 'peer_table', 'Recommender', 'save_recommender', 'load_recommender', 'bench']
 
 # %% ../nbs/03b_recommend.ipynb #a3b00007
 def user_sequences(task: RecommendationTask, split: str = "test") -> list[np.ndarray]:
@@ -249,6 +249,8 @@ def item_text_vectors(task: RecommendationTask, encoder: str | Path | None = Non
     return BiEncoder(model, tokenizer).encode(texts.tolist(), batch_size=batch_size, progress=progress).cpu()
 
 # %% ../nbs/03b_recommend.ipynb #a3b00029
+METRICS = ("hr@10", "ndcg@10", "mrr", "cold_hr@10", "cold_ndcg@10")
+
 def tune(score_fn, task: RecommendationTask, grid: Sequence) -> tuple[object, dict]:
     "The grid value with the best valid NDCG@10, and every value's valid NDCG@10 (the test split is never looked at)."
     valid = {value: evaluate_recommendations(score_fn(task, "valid", value), task, "valid")["ndcg@10"] for value in grid}
@@ -268,9 +270,8 @@ def top_k_latency(recommenders: dict, task: RecommendationTask, users: int = 200
     return measure_latencies({name: answer(fn) for name, fn in recommenders.items()}, warmup=warmup, repeats=users)
 
 # %% ../nbs/03b_recommend.ipynb #a3b00030
-STUDY_SIZES = {"epochs": (6, 200), "seeds": (1, 3), "latency_users": (50, 300)}  # teaching size, full size
+STUDY_SIZES = {"epochs": (3, 40), "seeds": (1, 3), "latency_users": (50, 300)}  # teaching size, full size
 KNN_GRID, EASE_GRID = (20, 50, 100, 200, 400), (10.0, 30.0, 100.0, 300.0, 1000.0)
-METRICS = ("hr@10", "ndcg@10", "mrr", "cold_hr@10", "cold_ndcg@10")
 
 def _scorer_of_weights(weights: np.ndarray):
     weights = torch.from_numpy(np.asarray(weights, dtype=np.float32))
@@ -303,7 +304,7 @@ def recommendation_study(task: RecommendationTask, encoder: str | Path | None = 
         for seed in seeds:
             started = time.perf_counter()
             model, log = fit_sequence_recommender(task, items, text if "text" in items else None, epochs=epochs,
-                                                  seed=seed, progress=progress)
+                                                  eval_every=2, patience=10, seed=seed, progress=progress)
             seconds = time.perf_counter() - started
             best = log.loc[log["valid_ndcg@10"].idxmax()]
             add(f"SASRec ({items})", sequence_scores(model, task, "test"), seed=seed, valid_ndcg=best["valid_ndcg@10"],
@@ -323,6 +324,32 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     summary["ndcg@10 min"], summary["ndcg@10 max"] = grouped["ndcg@10"].min(), grouped["ndcg@10"].max()
     summary["seeds"] = grouped.size()
     return summary.join(grouped[["ms_per_user"]].first())
+
+# %% ../nbs/03b_recommend.ipynb #a3b00036c
+def topk_scores(topk: pd.DataFrame, task: RecommendationTask, split: str = "test") -> torch.Tensor:
+    """[users, items] scores rebuilt from another library's ranked lists (user_id, item_id, rank): -rank where listed,
+    -inf elsewhere, so that chapter 02b's metrics score a peer exactly as they score recbook's models."""
+    users = pd.Index(task.targets(split)["user_id"].astype(str))
+    rows = users.get_indexer(topk["user_id"].astype(str))
+    columns = pd.Index(task.items["item_id"].astype(str)).get_indexer(topk["item_id"].astype(str))
+    if (rows < 0).any() or (columns < 0).any():
+        raise DataError(f"The ranked lists name {int((rows < 0).sum())} rows of users and {int((columns < 0).sum())} "
+                        f"rows of items this task's {split!r} split does not have; rank the same split's files.")
+    scores = torch.full((len(users), len(task.items)), float("-inf"))
+    scores[torch.from_numpy(rows), torch.from_numpy(columns)] = -torch.tensor(topk["rank"].to_numpy(), dtype=torch.float32)
+    return scores
+
+def peer_table(folder: str | Path, task: RecommendationTask, split: str = "test") -> pd.DataFrame:
+    "Every peer run under `folder` (topk.csv and meta.json, as `tools/peers/run_peers.py` writes them), scored here."
+    rows = []
+    for run in sorted(Path(folder).glob("*/meta.json")):
+        meta = json.loads(run.read_text())
+        topk = pd.read_csv(run.parent / ("topk.csv" if split == "test" else "valid_topk.csv"), dtype={"user_id": str, "item_id": str})
+        report = evaluate_recommendations(topk_scores(topk, task, split), task, split)
+        rows.append({"run": run.parent.name, "library": f"{meta['library']} {meta['version']}", "seed": meta["seed"],
+                     **{m: report[m] for m in METRICS}, "epochs": meta["epochs_run"], "stopped_by": meta.get("stopped_by"),
+                     "train_s": meta["train_seconds"]})
+    return pd.DataFrame(rows)
 
 # %% ../nbs/03b_recommend.ipynb #a3b00038
 class Recommender:

@@ -225,3 +225,17 @@ def test_a_missing_folder_and_both_or_neither_selector_are_refused(tmp_path, sav
         with pytest.raises(SystemExit) as stop:
             main(["recommend", str(saved), *args])
         assert stop.value.code == 2
+
+
+def test_a_peers_ranked_lists_score_like_the_scores_they_came_from(trained, toy_task):
+    from recbook.recommend import topk_scores
+    scores = sequence_scores(trained[0], toy_task, "test")
+    masked = scores.masked_fill(~toy_task.candidate_mask("test"), float("-inf"))
+    top = masked.topk(5)
+    users = toy_task.targets("test")["user_id"].to_numpy()
+    lists = pd.DataFrame({"user_id": np.repeat(users, 5), "item_id": toy_task.items["item_id"].to_numpy()[top.indices.numpy().ravel()],
+                          "rank": np.tile(np.arange(1, 6), len(users))})
+    ours, theirs = (evaluate_recommendations(s, toy_task, "test", k=5) for s in (scores, topk_scores(lists, toy_task)))
+    assert ours["hr@5"] == pytest.approx(theirs["hr@5"]) and ours["ndcg@5"] == pytest.approx(theirs["ndcg@5"])
+    with pytest.raises(ValueError, match="does not have"):
+        topk_scores(lists.assign(item_id="no-such-item"), toy_task)
