@@ -21,9 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import (BenchResult, atomic_write_text, get_device, machine_info, measure_latencies, pick_size,
-                   save_results, seed_everything)
-from .histories import (MOVIELENS_COLUMNS, SPLITS, RecommendationTask, build_recommendation_task,
+from .core import BenchResult, get_device, measure_latencies, pick_size, save_results, seed_everything
+from .histories import (MOVIELENS_COLUMNS, RecommendationTask, build_recommendation_task,
                         evaluate_recommendations, load_movielens, popularity_scores)
 from .model import BiEncoder, load_encoder
 from .tables import DataError
