@@ -105,3 +105,20 @@ class EarlyStop:
         else:
             self.wait += 1
         return self.wait >= self.patience
+
+
+def runner_arguments(doc: str, argv=None):
+    "The command line every peer runner takes: split and output folders, seed, epochs, patience, threads, time limit."
+    import argparse
+    from pathlib import Path
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("split_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default 200, --quick 3)")
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="few epochs: a smoke run")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2; see README on busy machines)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop training after this many seconds (recorded in meta.json as stopped_by)")
+    return p.parse_args(argv)

@@ -13,7 +13,6 @@ recommendations (`model.recommend(valid users, train dataset, k=10, filter_viewe
 computes NDCG@10 (seen items excluded, recbook's protocol); patience 10; the best weights are kept
 in memory and restored. Test: `model.recommend(test users, train+valid dataset, k=100, filter_viewed=True)`.
 """
-import argparse
 import copy
 import sys
 import time
@@ -36,17 +35,7 @@ def to_rectools(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("split_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="max epochs (default 200, --quick 3)")
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="few epochs: a smoke run")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2; see README on busy machines)")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop training after this many seconds (recorded in meta.json as stopped_by)")
-    a = p.parse_args(argv)
+    a = pc.runner_arguments(__doc__, argv)
     torch.set_num_threads(a.threads)
     epochs = a.epochs or (3 if a.quick else 200)
     out_dir = a.out_dir.resolve()

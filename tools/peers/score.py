@@ -4,7 +4,7 @@
 
 Each OUT_DIR holds topk.csv (test) / valid_topk.csv (valid) with columns user_id,item_id,rank,score.
 The [users x items] score matrix is rebuilt with rows = task.targets(split) and columns = task.items:
-a listed item scores -rank, an unlisted one -1e9; recbook.histories.evaluate_recommendations then
+a listed item scores -rank, an unlisted one -inf (recbook.recommend.topk_scores); recbook.histories.evaluate_recommendations then
 masks seen items and computes HR@k, NDCG@k and MRR over the full catalogue.
 """
 import argparse, json, sys
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recbook.recommend import topk_scores
 from recbook.histories import (MOVIELENS_COLUMNS, build_recommendation_task, evaluate_recommendations,
                                load_movielens, popularity_scores)
 
@@ -22,25 +23,10 @@ def load_task():
     return build_recommendation_task(load_movielens(), **MOVIELENS_COLUMNS)
 
 
-def scores_from_topk(topk: pd.DataFrame, task, split: str = "test") -> torch.Tensor:
-    "Rebuild a [users, items] matrix from a top-k list: -rank where listed, -1e9 elsewhere."
-    users = pd.Index(task.targets(split)["user_id"].astype(str))
-    rows = users.get_indexer(topk["user_id"].astype(str))
-    cols = pd.Index(task.items["item_id"].astype(str)).get_indexer(topk["item_id"].astype(str))
-    if (rows < 0).any() or (cols < 0).any():
-        raise ValueError(f"{int((rows < 0).sum())} rows name unknown users, {int((cols < 0).sum())} unknown items")
-    missing = len(users) - len(np.unique(rows))
-    if missing:
-        print(f"warning: {missing} of {len(users)} {split} users have no ranking", file=sys.stderr)
-    scores = np.full((len(users), len(task.items)), -1e9, dtype=np.float64)
-    scores[rows, cols] = -topk["rank"].to_numpy(dtype=np.float64)
-    return torch.from_numpy(scores)
-
-
 def score_dir(out: Path, task, split: str = "test", k: int = 10) -> dict:
     name = "topk.csv" if split == "test" else "valid_topk.csv"
     topk = pd.read_csv(out / name, dtype={"user_id": str, "item_id": str})
-    report = evaluate_recommendations(scores_from_topk(topk, task, split), task, split, k=k)
+    report = evaluate_recommendations(topk_scores(topk, task, split), task, split, k=k)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return {"run": str(out), "library": meta.get("library"), "seed": meta.get("seed"),
