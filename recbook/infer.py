@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import BenchResult, autocast, cache_dir, measure_latency, save_results, seed_everything
+from .core import BenchResult, autocast, cache_dir, measure_latency, quiet_libraries, save_results, seed_everything
 from .data import SearchTask, build_search_task, clothing_interactions
 from .index import (INDEX_SIZES, SCALING_BUILD, SCALING_SWEEP, VectorIndex, clustered_vectors, hnsw_target,
                            index_sweep, scaling_study)
@@ -128,9 +128,23 @@ def padding_batches(lengths: Sequence[int], batch_size: int, strategy: str, max_
     if strategy not in PADDING_STRATEGIES:
         raise ValueError(f"Unknown padding strategy {strategy!r}; choose one of {PADDING_STRATEGIES}.")
     lengths = np.minimum(np.asarray(lengths), max_length)
-    order = np.argsort(-lengths, kind="stable") if strategy == "sorted" else np.arange(len(lengths))  # longest first
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if strategy == "sorted":
+        batches = _length_sorted_batches(lengths, batch_size)
+    else:
+        batches = [np.arange(i, min(i + batch_size, len(lengths))) for i in range(0, len(lengths), batch_size)]
     return [(b, max_length if strategy == "fixed" else int(lengths[b].max())) for b in batches]
+
+def _length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches of consecutive texts in longest-first order, with the one short batch placed where it pads least:
+    the fewest padded tokens of any split into full batches and one short one (so never more than input order)."""
+    order = np.argsort(-lengths, kind="stable"); s = lengths[order]
+    k = -(-len(s) // batch_size); r = len(s) - (k - 1) * batch_size  # k batches, the short one holds r texts
+    full_firsts, shifted_firsts = s[::batch_size], s[r::batch_size]  # longest text of each batch before / after it
+    cost = (batch_size * np.concatenate([[0], np.cumsum(full_firsts)])[:k] + r * full_firsts
+            + batch_size * np.concatenate([np.cumsum(shifted_firsts[::-1])[::-1], [0]]))
+    p = int(np.argmin(cost))  # the short batch is the (p+1)-th
+    starts = [j * batch_size for j in range(p + 1)] + [p * batch_size + r + j * batch_size for j in range(k - p - 1)]
+    return [order[a:b] for a, b in zip(starts, starts[1:] + [len(s)])]
 
 def padding_waste(lengths: Sequence[int], batch_size: int, strategy: str, max_length: int) -> float:
     "Fraction of the tokens processed that are padding."
@@ -316,8 +330,9 @@ def export_fused_onnx(model: BiEncoder, path: str | Path, quantize: bool = True)
                            hidden_size=config.hidden_size, opt_level=1)
     fused.save_model_to_file(str(path / "model_fused.onnx"))
     if quantize:  # fused ops are in the com.microsoft domain, so shape inference needs the default tensor type
-        quantize_dynamic(str(path / "model_fused.onnx"), str(path / "model.onnx"), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        with quiet_libraries():
+            quantize_dynamic(str(path / "model_fused.onnx"), str(path / "model.onnx"), weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         (path / "model_fused.onnx").unlink()
     else:
         os.replace(path / "model_fused.onnx", path / "model.onnx")
@@ -344,15 +359,17 @@ class SentenceTransformersPeer:
     "The same bi-encoder run by sentence-transformers (Transformer -> mean pooling -> normalise), as a peer to beat."
     def __init__(self, model: BiEncoder, work_dir: str | Path | None = None):
         try:
-            from sentence_transformers import SentenceTransformer, models
+            from sentence_transformers import SentenceTransformer
+            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
         except ImportError as e:
             raise ImportError('The sentence-transformers peer needs the bench extra: pip install -e ".[bench]"') from e
         folder = Path(tempfile.mkdtemp(dir=work_dir, prefix="st-"))
         model.encoder.save_pretrained(folder)
         model.tokenizer.save_pretrained(folder)
-        transformer = models.Transformer(str(folder), max_seq_length=model.doc_max_length)
-        pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
-        self.model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device=str(model.device))
+        with quiet_libraries():
+            transformer = Transformer(str(folder), max_seq_length=model.doc_max_length)
+        pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+        self.model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=str(model.device))
         self.query_max_length, self.doc_max_length = model.query_max_length, model.doc_max_length
 
     def encode(self, texts: Sequence[str], max_length: int | None = None, batch_size: int = 64, progress: bool = False) -> torch.Tensor:

@@ -540,7 +540,7 @@ def slice_report(scores: torch.Tensor, relevance: torch.Tensor, slices: dict[str
     "NDCG@10, MRR, Recall@10 and Recall@100 of the queries in each named boolean slice."
     out = {}
     for name, rows in slices.items():
-        rows = torch.as_tensor(np.asarray(rows, dtype=bool))
+        rows = torch.as_tensor(np.array(rows, dtype=bool))  # a writable copy: pandas may hand out read-only views
         if not rows.any():
             raise ValueError(f"Slice {name!r} holds no query.")
         s, r = scores.float().cpu()[rows], relevance[rows]

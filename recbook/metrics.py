@@ -22,7 +22,7 @@ def _work_dtype(device: torch.device) -> torch.dtype:
 
 def _as_tensor(x, device=None) -> torch.Tensor:
     "A tensor as it is; anything else through NumPy, so Python floats stay float64 and keep their distinctions."
-    return (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).to(device)
+    return (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.array(x))).to(device)  # a copy: pandas may hand out read-only views
 
 def _check_k(k, name: str = "k") -> int:
     if isinstance(k, bool) or int(k) != k or k < 1:

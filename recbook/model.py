@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core import (BenchResult, autocast, cache_dir, data_parallel, gather_rows, get_device, init_distributed,
-                          local_share, mean_over_processes, measure_latency, model_size, save_results, seed_everything)
+                          local_share, mean_over_processes, measure_latency, model_size, quiet_libraries, save_results,
+                          seed_everything)
 from .data import (ScoringTask, SearchTask, TextCollator, TextPairDataset, build_scoring_task,
                           build_search_task, clothing_interactions, features_text)
 from .tables import spaced_bigrams
@@ -87,14 +88,13 @@ def load_encoder(name_or_path: str | Path | None = None, device=None):
     "Tokenizer and `AutoModel` for a hub name or local folder (the offline MiniLM by default), on `device`."
     source = resolve_encoder(name_or_path)  # fails at once for a missing folder or an unreachable hub
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # a bar per load is noise in a book; recbook's own loops show progress
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ValueError(f"{source} is not a Hugging Face model folder: it has no config.json.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        encoder = AutoModel.from_pretrained(source)
+        with quiet_libraries():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            encoder = AutoModel.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"Could not load an encoder from {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return tokenizer, encoder.to(get_device(device))
@@ -330,7 +330,7 @@ def train_scorer(model: CrossEncoderScorer, first: Sequence[str], second: Sequen
     if len(second) == 0:
         raise ValueError("No training rows: the scoring task's training split is empty; check task.counts (chapter 02) before training.")
     seed_everything(seed)
-    ratings = torch.as_tensor(np.asarray(ratings, dtype=np.float32))
+    ratings = torch.as_tensor(np.array(ratings, dtype=np.float32))  # a writable copy
     mean, std = ratings.mean().item(), ratings.std().item()
     loader = torch.utils.data.DataLoader(TextPairDataset(first, second, ratings), batch_size=batch_size, shuffle=True,
                                          collate_fn=TextCollator(model.tokenizer, model.max_length),
@@ -366,9 +366,9 @@ def search_report(scores: torch.Tensor, task: SearchTask, split: str = "test", a
 def scoring_report(scores: torch.Tensor, frame: pd.DataFrame) -> dict:
     "Spearman with rating (main), AUC of 'recommended', and the same AUC on the hard 3-star slice."
     scores = scores.float().cpu()
-    report = {"spearman": float(spearman(scores, torch.as_tensor(frame["rating"].to_numpy(dtype=np.float32))))}
+    report = {"spearman": float(spearman(scores, torch.tensor(frame["rating"].to_numpy(dtype=np.float32))))}
     if "recommended" in frame:
-        labels = torch.as_tensor(frame["recommended"].to_numpy(dtype=np.float32))
+        labels = torch.tensor(frame["recommended"].to_numpy(dtype=np.float32))
         report["recommended_auc"] = float(roc_auc(scores, labels))
         three = torch.as_tensor(np.array(frame["rating"] == 3))  # a writable copy: pandas may hand out read-only views
         report["three_star_auc"] = float(roc_auc(scores[three], labels[three]))

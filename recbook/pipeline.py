@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -129,12 +130,22 @@ class StageCache:
         self.ran, self.reused, self.seconds = [], [], []  # seconds: of each stage in `ran`
 
     def run(self, name: str, key: str, build: Callable[[Path], None]) -> Path:
-        "The finished folder of stage `name` with `key`; builds it (atomically) if it is not there."
+        """The finished folder of stage `name` with `key`; builds it (atomically) if it is not there. Several processes
+        may share one cache: a stage is built by one of them while the others wait, then reuse it."""
         final = self.root / f"{name}-{key}"
         if (final / "DONE").is_file():
-            self.reused.append(name); self.log.info("stage %s: reused %s", name, final.name)
-            return final
-        self.root.mkdir(parents=True, exist_ok=True)
+            return self._reused(name, final)
+        (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / ".locks" / f"{name}-{key}.lock"):
+            if (final / "DONE").is_file():  # another process built it while this one waited
+                return self._reused(name, final)
+            return self._build(name, key, final, build)
+
+    def _reused(self, name: str, final: Path) -> Path:
+        self.reused.append(name); self.log.info("stage %s: reused %s", name, final.name)
+        return final
+
+    def _build(self, name: str, key: str, final: Path, build: Callable[[Path], None]) -> Path:
         work = self.root / f".{name}-{key}.{os.getpid()}.tmp"
         shutil.rmtree(work, ignore_errors=True); work.mkdir()
         start = time.perf_counter()
@@ -463,7 +474,12 @@ def publish_export(out: Path, model_dir: Path, task: SearchTask, meta: dict, emb
     """Export into `out/models/v<n>` (a new version, unless one holds exactly this model and catalogue already) and
     point `out/models/CURRENT` at it in one rename. Earlier versions stay, so a reader can go back to one."""
     models = Path(out) / "models"
-    models.mkdir(parents=True, exist_ok=True)
+    locks = Path(out) / "stages" / ".locks"  # beside the stage locks, so `models` holds versions only
+    models.mkdir(parents=True, exist_ok=True); locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / "publish.lock"):  # two runs on one folder never take the same version number
+        return _publish(models, model_dir, task, meta, embeddings)
+
+def _publish(models: Path, model_dir: Path, task: SearchTask, meta: dict, embeddings: torch.Tensor | None) -> Path:
     versions = _versions(models)
     same = [v for v in versions if meta.get("export_key") and _read_meta(v).get("export_key") == meta["export_key"]
             and _intact(v)]  # a damaged version is never reused: running again repairs it

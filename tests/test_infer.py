@@ -1,6 +1,7 @@
 """Chapter 05: catalogue cache, batching, micro-batching, LRU cache, backends, reranker, service, cascade, cost model."""
 import copy
 import functools
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,6 +98,20 @@ def test_padding_waste_orders_the_strategies(lengths, batch):
     np.testing.assert_array_equal(covered, np.arange(len(lengths)))  # every text exactly once
     with pytest.raises(ValueError, match="padding strategy"):
         padding_batches(lengths, batch, "bucketed", 128)
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=7), batch=st.integers(1, 4))
+def test_length_sorted_batches_pad_least_of_any_split(lengths, batch):
+    "Against brute force: every split of the texts into k-1 full batches and one short one, as input order has."
+    k, r = -(-len(lengths) // batch), len(lengths) - (-(-len(lengths) // batch) - 1) * batch
+    def padded(assignment):
+        groups = [[lengths[i] for i, g in enumerate(assignment) if g == j] for j in range(k)]
+        return sum(len(g) * max(g) for g in groups) if sorted(map(len, groups)) == [r] + [batch] * (k - 1) else float("inf")
+    best = min(padded(a) for a in itertools.product(range(k), repeat=len(lengths)))
+    batches = padding_batches(lengths, batch, "sorted", 128)
+    assert sorted(len(b) for b, _ in batches) == [r] + [batch] * (k - 1)
+    assert sum(len(b) * p for b, p in batches) == best
 
 
 def test_padding_never_changes_the_embeddings(tiny):
