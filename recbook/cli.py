@@ -27,6 +27,7 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "inference": "recbook.infer",
     "augmentation": "recbook.augment",
     "knowledge": "recbook.knowledge",
+    "recommendation-fast": "recbook.recfast",
     "scale": "recbook.scale",
 }
 

@@ -161,10 +161,16 @@ class SequenceRecommender(nn.Module):
         return self(sequences, items)[:, -1] @ items.T
 
 # %% ../nbs/03b_recommend.ipynb #a3b00022
-def training_windows(task: RecommendationTask, length: int, reward_weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def training_windows(task: RecommendationTask, length: int, reward_weighted: bool = False,
+                     users: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every user's training sequence cut into windows of `length + 1` items from the end (consecutive windows share
-    one item), right-aligned; and each item's weight as a target: 1, or its rating over the mean rating."""
+    one item), right-aligned; and each item's weight as a target: 1, or its rating over the mean rating.
+    `users` keeps only those users' sequences (a smaller training set; evaluation still covers every user)."""
     train = task.train.sort_values("position", kind="stable")
+    if users is not None:
+        train = train[train["user_id"].astype(str).isin({str(u) for u in users})]
+        if train.empty:
+            raise DataError("None of the given users has training interactions; pass user ids of the task.")
     columns = task.item_positions(train["item_id"])
     if reward_weighted and "rating" not in train:
         raise DataError("reward_weighted=True needs ratings: build the task with rating=.")
@@ -205,13 +211,17 @@ def sequence_scores(model: SequenceRecommender, task: RecommendationTask, split:
 def fit_sequence_recommender(task: RecommendationTask, items: str = "id", text_vectors: torch.Tensor | None = None,
                              epochs: int = 200, patience: int = 20, eval_every: int = 5, batch_size: int = 128,
                              lr: float = 1e-3, reward_weighted: bool = False, seed: int = 0, device=None,
-                             progress: bool = False, **shape) -> tuple[SequenceRecommender, pd.DataFrame]:
+                             progress: bool = False, users: Sequence | None = None, augment=None, loss=None,
+                             **shape) -> tuple[SequenceRecommender, pd.DataFrame]:
     """Train on the train period with Adam; every `eval_every` epochs measure NDCG@10 on the valid split and keep the
-    best state; stop after `patience` epochs without a gain. Returns the best model and the training log."""
+    best state; stop after `patience` epochs without a gain. Returns the best model and the training log.
+    Hooks for later chapters: `users` trains on some users only; `augment(windows, generator)` rewrites each batch of
+    windows; `loss(model, windows, weights)` replaces `next_item_loss` (e.g. a distillation loss)."""
     seed_everything(seed)
     device = get_device(device)
     model = SequenceRecommender(len(task.items), items, text_vectors, **shape).to(device)
-    windows, weights = training_windows(task, model.max_length, reward_weighted)
+    windows, weights = training_windows(task, model.max_length, reward_weighted, users)
+    loss_fn = loss or next_item_loss
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     log, best, best_state, started = [], -1.0, None, time.perf_counter()
@@ -219,11 +229,12 @@ def fit_sequence_recommender(task: RecommendationTask, items: str = "id", text_v
         model.train()
         losses = []
         for batch in torch.randperm(len(windows), generator=generator).split(batch_size):
-            loss = next_item_loss(model, windows[batch].to(device), weights[batch].to(device))
+            inputs = windows[batch] if augment is None else augment(windows[batch], generator)
+            value = loss_fn(model, inputs.to(device), weights[batch].to(device))
             optimizer.zero_grad()
-            loss.backward()
+            value.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value.item())
         if epoch % eval_every and epoch != epochs:
             continue
         valid = evaluate_recommendations(sequence_scores(model, task, "valid"), task, "valid")["ndcg@10"]
