@@ -28,6 +28,7 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "augmentation": "recbook.augment",
     "knowledge": "recbook.knowledge",
     "recommendation-fast": "recbook.recfast",
+    "recommendation-lowdata": "recbook.reclowdata",
     "scale": "recbook.scale",
 }
 
