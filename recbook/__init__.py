@@ -1,6 +1,6 @@
 __version__ = "0.1.0"
 
-_LAZY = {"load_optimized": "recbook.pipeline", "load_recommender": "recbook.recommend"}
+_LAZY = {"load_optimized": "recbook.pipeline", "load_recommender": "recbook.recpipeline"}
 
 
 def __getattr__(name):  # `recbook.load_optimized` / `recbook.load_recommender` without importing torch at `import recbook`

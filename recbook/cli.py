@@ -59,6 +59,11 @@ def _setup(args) -> int:
     return 0
 
 def _optimize(args) -> int:
+    args.out = args.out or ("runs/optimize-recommendation" if args.task == "recommendation" else "runs/optimize")
+    if args.task == "recommendation":
+        return _optimize_recommendation(args)
+    if args.timestamp is not None:
+        raise ValueError("--timestamp is for --task recommendation; a search run needs no time column.")
     from recbook.pipeline import load_config, optimize
     overrides = {k: getattr(args, k) for k in ("data", "sep", "encoding", "item", "text", "query", "rating", "user", "encoder",
                                               "budget_ms", "lam", "speedup", "seed")}
@@ -67,6 +72,22 @@ def _optimize(args) -> int:
     overrides["knowledge"] = True if args.knowledge else None
     overrides["augment"] = args.augment
     results = optimize(load_config(args.config, **overrides), args.out, progress=not args.no_progress)
+    print(f"chosen: {results['chosen']}; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+def _optimize_recommendation(args) -> int:
+    "Chapter 08a's run: the flags of a behaviour table; the search-only ones are refused by name."
+    search_only = [flag for flag, given in (("--query", args.query), ("--item-features", args.item_features),
+                                            ("--augment", args.augment), ("--knowledge", args.knowledge)) if given]
+    if search_only:
+        raise ValueError(f"{', '.join(search_only)}: for --task search only; a recommendation run takes --user, --item, "
+                         f"--timestamp, --rating and --text (the item text columns).")
+    from recbook.recpipeline import optimize_recommendation, recommendation_config
+    overrides = {k: getattr(args, k) for k in ("data", "sep", "encoding", "user", "item", "timestamp", "rating", "encoder",
+                                              "budget_ms", "lam", "speedup", "seed")}
+    overrides["text"] = [c.strip() for c in args.text.split(",") if c.strip()] if args.text else None
+    overrides["quick"] = True if args.quick else None
+    results = optimize_recommendation(recommendation_config(args.config, **overrides), args.out, progress=not args.no_progress)
     print(f"chosen: {results['chosen']}; report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -106,7 +127,7 @@ def _search(args) -> int:
     return 0
 
 def _recommend(args) -> int:
-    from recbook.recommend import load_recommender
+    from recbook.recpipeline import load_recommender
     recommender = load_recommender(args.folder)
     history = None if args.history is None else [i.strip() for i in args.history.split(",") if i.strip()]
     if history is not None and not history:
@@ -141,13 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--wheel", default=None, help="movielens: a recbole-1.2.1 wheel already downloaded (no network needed then)")
     setup.set_defaults(run=_setup)
     run = commands.add_parser("optimize", help="the whole pipeline: train, compress, measure, choose, save, report")
+    run.add_argument("--task", choices=["search", "recommendation"], default="search",
+                     help="search: queries to items (chapter 08, default); recommendation: users' histories to their "
+                          "next item (chapter 08a, default data MovieLens-100k)")
     run.add_argument("--config", default=None, help="a TOML file with any PipelineConfig fields (flags override it)")
     run.add_argument("--data", default=None, help="an interactions table: CSV/TSV (also .gz/.bz2/.xz/.zip), JSON lines or "
-                     "parquet (default: the shipped reviews)")
+                     "parquet (default: the shipped reviews; MovieLens-100k for --task recommendation)")
     run.add_argument("--sep", default=None, help="the separator of a --data text table (default: sniffed)")
     run.add_argument("--encoding", default=None, help="the encoding of a --data text table (default: sniffed)")
-    for column in ("item", "text", "query", "rating", "user"):
+    for column in ("item", "query", "rating", "user"):
         run.add_argument(f"--{column}", default=None, help=f"the {column} column of --data")
+    run.add_argument("--text", default=None, help="the text column of --data (recommendation: item text columns, "
+                     "comma-separated; none = item ids only)")
+    run.add_argument("--timestamp", default=None, help="recommendation: the time column of --data (numbers or dates)")
     run.add_argument("--item-features", default=None, help="comma-separated item feature columns of --data")
     run.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")
     rule = run.add_mutually_exclusive_group()
@@ -159,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--quick", action="store_true", help="teaching size (a few minutes on a laptop CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--out", default="runs/optimize",
-                     help="run folder (default: runs/optimize): new, empty, or an earlier run's; re-running resumes")
+    run.add_argument("--out", default=None, help="run folder (default: runs/optimize, or runs/optimize-recommendation): "
+                     "new, empty, or an earlier run's; re-running resumes")
     run.set_defaults(run=_optimize)
     search = commands.add_parser("search", help="answer queries with a model saved by `recbook optimize`")
     search.add_argument("folder", help="the output folder of `recbook optimize`")
@@ -169,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--columns", default=None,
                         help="comma-separated item columns to show (default: a name/title column, else a text snippet)")
     search.set_defaults(run=_search)
-    recommend = commands.add_parser("recommend", help="top-k items for a user from a recommender saved by chapter 03b")
-    recommend.add_argument("folder", help="a saved recommender (e.g. DIR/recommender from `recbook bench recommendation --out DIR`)")
+    recommend = commands.add_parser("recommend", help="top-k items for a user from a saved recommender")
+    recommend.add_argument("folder", help="the --out folder of `recbook optimize --task recommendation`, or a saved "
+                           "recommender (e.g. DIR/recommender from `recbook bench recommendation --out DIR`)")
     who = recommend.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", default=None, help="a user id the recommender knows")
     who.add_argument("--history", default=None, help="item ids separated by commas, oldest first, for any other user")

@@ -36,8 +36,8 @@ from .objective import plot_pareto
 # %% auto #0
 __all__ = ['PIPELINE_SIZES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
            'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies', 'OutputFolderError',
-           'is_run_folder', 'claim_run_folder', 'optimize', 'export_search', 'publish_export', 'current_export',
-           'load_optimized', 'write_report', 'markdown_table']
+           'is_run_folder', 'claim_run_folder', 'check_run_task', 'optimize', 'export_search', 'publish_export',
+           'current_export', 'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
@@ -265,8 +265,12 @@ def _reusable_teacher(config: PipelineConfig, sizes: dict) -> Path | None:
     return path if same and (path / "recbook.json").is_file() else None
 
 def _preferred(table: pd.DataFrame, names: Sequence[str]) -> str:
-    "Among candidates that tie within noise: the higher validation NDCG@10, then the smaller file, then the name."
-    return min(names, key=lambda n: (-table.loc[n, "valid_ndcg@10"], table.loc[n, "size_mb"], n))
+    """Among candidates that tie within noise: the higher validation NDCG@10; among equally accurate ones the one whose
+    latency interval lies wholly below every other's, if one does, else the smaller file; then the name."""
+    best = max(table.loc[n, "valid_ndcg@10"] for n in names)
+    top = [n for n in names if table.loc[n, "valid_ndcg@10"] == best]
+    clearly_faster = [n for n in top if all(m == n or table.loc[n, "latency_ms_high"] < table.loc[m, "latency_ms_low"] for m in top)]
+    return clearly_faster[0] if clearly_faster else min(top, key=lambda n: (table.loc[n, "size_mb"], n))
 
 def _overlap(low: pd.Series, high: pd.Series, name: str) -> list[str]:
     "The candidates whose interval [low, high] overlaps that of `name` (itself included)."
@@ -356,6 +360,15 @@ def claim_run_folder(out: str | Path) -> Path:
                                 f"give --out a folder you can write to.") from None
     return out
 
+def check_run_task(out: Path, task: str):
+    "A run folder holds one task's run: resuming a search run as a recommendation run (or back) would mix two reports."
+    try:
+        earlier = json.loads((Path(out) / "results.json").read_text()).get("task", "search")
+    except (OSError, ValueError, AttributeError):
+        return
+    if earlier != task:
+        raise OutputFolderError(f"{out} holds a {earlier} run of `recbook optimize`; give --out another folder for a {task} run.")
+
 # %% ../nbs/08_pipeline.ipynb #884aa3da
 def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> dict:
     """Run the whole pipeline into `out` (resumable), export the chosen model as a new version under `out/models`,
@@ -364,6 +377,7 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     started = time.perf_counter()
     config = (config or PipelineConfig()).check()
     out = claim_run_folder(out)
+    check_run_task(out, "search")
     log = _logger(out)
     sizes = config.size()
     log.info("recbook optimize: %s", json.dumps(dataclasses.asdict(config)))
@@ -414,7 +428,7 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
             "export_key": content_key(candidates[chosen].parent.name, fingerprint, list(task.item_features))}
     export = publish_export(out, candidates[chosen], task, meta, catalogues[chosen])  # encoded in its quality stage
     example = next((q.iloc[0] for q in (task.split("test")["query"], task.split("valid")["query"]) if len(q)), "")
-    results = {"config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
+    results = {"task": "search", "config": dataclasses.asdict(config), "machine": machine_info(), "task_fingerprint": fingerprint,
                "catalogue": len(task.items), "valid_queries": len(task.split("valid")), "test_queries": len(task.split("test")),
                "task_counts": counts,
                "variants": table.reset_index().to_dict(orient="records"), "chosen": chosen, "selection": rule,

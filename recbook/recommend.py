@@ -365,8 +365,9 @@ def peer_table(folder: str | Path, task: RecommendationTask, split: str = "test"
 class Recommender:
     "A trained sequence recommender with its catalogue and the users' histories: top-k for a known user or any history."
 
-    def __init__(self, model: SequenceRecommender, items: pd.DataFrame, histories: pd.DataFrame):
+    def __init__(self, model: SequenceRecommender, items: pd.DataFrame, histories: pd.DataFrame, serving: dict | None = None):
         self.model, self.items, self.histories = model.eval(), items.reset_index(drop=True), histories
+        self.serving = dict(serving or {})  # how the saved model is meant to be served (e.g. chapter 08a's int8)
         self._column = pd.Index(self.items["item_id"].astype(str))
         with torch.inference_mode():
             self._vectors = self.model.item_vectors()  # precomputed once: a request runs only the sequence encoder
@@ -409,9 +410,11 @@ class Recommender:
 # %% ../nbs/03b_recommend.ipynb #a3b00039
 RECOMMENDER_FILES = ("recommender.json", "recommender.safetensors", "items.csv", "histories.csv")
 
-def save_recommender(model: SequenceRecommender, task: RecommendationTask, folder: str | Path) -> Path:
+def save_recommender(model: SequenceRecommender, task: RecommendationTask, folder: str | Path,
+                     serving: dict | None = None) -> Path:
     """Save the model (safetensors), its catalogue and every user's history in time order to a new folder, atomically.
-    An existing folder is replaced only if it holds a recommender saved here before; any other is refused."""
+    An existing folder is replaced only if it holds a recommender saved here before; any other is refused.
+    `serving` records how the model is meant to be served (chapter 08a saves {"int8": True} for an int8 choice)."""
     from safetensors.torch import save_file
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / "recommender.json").is_file():
@@ -421,7 +424,8 @@ def save_recommender(model: SequenceRecommender, task: RecommendationTask, folde
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "recommender.safetensors"))
         (tmp / "recommender.json").write_text(json.dumps({"kind": "sequence", **model.config(),
-                                                          "task": task.rule}, indent=2, default=str) + "\n")
+                                                          "task": task.rule, "serving": serving or {}},
+                                                         indent=2, default=str) + "\n")
         task.items.to_csv(tmp / "items.csv", index=False)
         task.rows.sort_values("position", kind="stable")[["user_id", "item_id"]].to_csv(tmp / "histories.csv", index=False)
         if folder.exists():
@@ -431,25 +435,31 @@ def save_recommender(model: SequenceRecommender, task: RecommendationTask, folde
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
-def load_recommender(folder: str | Path, device=None) -> Recommender:
-    "Load a recommender saved by `save_recommender` (safetensors only: no code runs on load)."
+def load_recommender(folder: str | Path, device=None, as_saved: bool = False) -> Recommender:
+    """Load a recommender saved by `save_recommender` (safetensors only: no code runs on load). A folder saved to be
+    served in int8 is refused unless `as_saved` (its fp32 weights as saved): `recbook.load_recommender` serves it."""
     from safetensors.torch import load_file
     folder = Path(folder)
     missing = [name for name in RECOMMENDER_FILES if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{folder} is not a saved recommender: it lacks {missing}. Save one with save_recommender "
-                         f"or `recbook bench recommendation --out DIR` (it writes DIR/recommender).")
+        raise ValueError(f"{folder} is not a saved recommender: it lacks {missing}. Give the --out folder of `recbook "
+                         f"optimize --task recommendation`, or save one with save_recommender or `recbook bench "
+                         f"recommendation --out DIR` (it writes DIR/recommender).")
     try:
         config = json.loads((folder / "recommender.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / 'recommender.json'} is not valid JSON ({e.msg}); save the recommender again.") from None
+    serving = config.get("serving", {})
+    if serving.get("int8") and not as_saved:
+        raise ValueError(f"{folder} holds a model chosen to be served with int8 layers: load it with "
+                         f"recbook.load_recommender({str(folder)!r}) or `recbook recommend {folder}`.")
     state = load_file(str(folder / "recommender.safetensors"))
     shape = {k: config[k] for k in ("dim", "layers", "heads", "max_length", "dropout")}
     model = SequenceRecommender(config["n_items"], config["items"], state.get("text_vectors"), **shape)
     model.load_state_dict(state)
     items = pd.read_csv(folder / "items.csv", dtype={"item_id": str}, keep_default_na=False)
     histories = pd.read_csv(folder / "histories.csv", dtype=str, keep_default_na=False)
-    return Recommender(model.to(get_device(device)), items, histories)
+    return Recommender(model.to(get_device(device)), items, histories, serving)
 
 # %% ../nbs/03b_recommend.ipynb #a3b00041b
 def bench(out_dir, quick: bool = False, encoder: str | None = None, seeds: Sequence[int] | None = None,

@@ -356,3 +356,12 @@ def test_current_names_only_a_version_and_a_damaged_version_is_not_reused(finish
     again = optimize(config_for(tiny_encoder, own_table, budget_ms=1e6), copy, progress=False)
     assert again["chosen"] == first["chosen"] and again["export"] == "models/v2"  # running again repairs it
     assert load_optimized(copy).meta["chosen"] == first["chosen"]
+
+
+def test_equally_accurate_candidates_go_to_the_clearly_faster_else_the_smaller():
+    from recbook.pipeline import _select
+    quality, size = [0.44, 0.48, 0.48, 0.40], [86.7, 36.1, 30.3, 13.5]
+    apart = candidates_table([30.0, 4.0, 6.0, 2.0], [3.0, 0.3, 0.3, 0.2], quality, size)  # int8 slower beyond noise
+    assert _select(apart, load_config(budget_ms=8.0))[0] == "2-layer distilled"
+    close = candidates_table([30.0, 5.8, 6.0, 2.0], [3.0, 0.3, 0.3, 0.2], quality, size)  # within noise: the smaller file
+    assert _select(close, load_config(budget_ms=8.0))[0] == "1-layer distilled"
