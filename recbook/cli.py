@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", choices=["search", "recommendation"], default="search",
                      help="search: queries to items (chapter 08, default); recommendation: users' histories to their "
                           "next item (chapter 08a, default data MovieLens-100k)")
-    run.add_argument("--config", default=None, help="a TOML file with any PipelineConfig fields (flags override it)")
+    run.add_argument("--config", default=None, help="a TOML file with any fields of the task's config, PipelineConfig or "
+                     "RecommendationConfig (flags override it)")
     run.add_argument("--data", default=None, help="an interactions table: CSV/TSV (also .gz/.bz2/.xz/.zip), JSON lines or "
                      "parquet (default: the shipped reviews; MovieLens-100k for --task recommendation)")
     run.add_argument("--sep", default=None, help="the separator of a --data text table (default: sniffed)")
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--item-features", default=None, help="comma-separated item feature columns of --data")
     run.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")
     rule = run.add_mutually_exclusive_group()
-    rule.add_argument("--budget-ms", type=float, default=None, help="latency budget per query (median, ms)")
+    rule.add_argument("--budget-ms", type=float, default=None, help="latency budget per query, or per user (median, ms)")
     rule.add_argument("--lam", type=float, default=None, help="exchange rate: error points per millisecond")
     rule.add_argument("--speedup", type=float, default=None, help="required speed-up over the teacher (default 4)")
     run.add_argument("--augment", default=None, help="step 4: an augmenter of chapter 06 for the training queries (e.g. keyboard)")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .core import atomic_write_text, machine_info, measure_latencies, model_size
 from .histories import MOVIELENS_COLUMNS, RecommendationTask, build_recommendation_task, load_movielens
+from .model import resolve_encoder
 from .objective import plot_pareto
 from .pipeline import (StageCache, _logger, _noise_notes, _select, check_run_task, claim_run_folder, content_key,
                              markdown_table)
@@ -210,6 +211,8 @@ def optimize_recommendation(config: RecommendationConfig | None = None, out: str
     log = _logger(out)
     log.info("recbook optimize --task recommendation: %s", json.dumps(dataclasses.asdict(config)))
     task = load_recommendation_task(config)
+    if "text" in task.items:
+        resolve_encoder(config.encoder)  # a bad model name or folder fails here, before any training
     fingerprint = recommendation_fingerprint(task)
     log.info("task: %s", task.counts)
     stages = StageCache(out / "stages", log)

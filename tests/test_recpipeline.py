@@ -157,3 +157,12 @@ def test_config_errors_name_the_fix():
         recommendation_config(budget_ms=-1)
     with pytest.raises(ValueError, match="Unknown sizes"):
         recommendation_config(sizes={"layers": 2})
+
+
+def test_a_missing_encoder_folder_fails_before_any_training(tmp_path, shop_csv, capsys):
+    args = ["optimize", "--task", "recommendation", "--data", str(shop_csv), "--user", "customer", "--item", "sku",
+            "--timestamp", "bought", "--text", "title", "--encoder", str(tmp_path / "no-such-model"), "--quick",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stages").exists()
