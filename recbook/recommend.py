@@ -465,7 +465,8 @@ def load_recommender(folder: str | Path, device=None, as_saved: bool = False) ->
 def bench(out_dir, quick: bool = False, encoder: str | None = None, seeds: Sequence[int] | None = None,
           epochs: int | None = None) -> Path:
     """Every recommender of the chapter on MovieLens-100k (after `recbook setup movielens`): writes
-    recommendation.json, and saves the text-aware model best on the validation split to out_dir/recommender."""
+    recommendation.json, and saves the text-aware model best on the validation split to out_dir/recommender.
+    Peer runs in out_dir/peers (`python tools/peers/run_peers.py --out-dir out_dir/peers`) are scored into it too."""
     task = build_recommendation_task(load_movielens(), **MOVIELENS_COLUMNS)
     study = recommendation_study(task, encoder, quick=quick, seeds=seeds, epochs=epochs)
     table = study["table"]
@@ -477,6 +478,8 @@ def bench(out_dir, quick: bool = False, encoder: str | None = None, seeds: Seque
     chosen = text_aware.loc[text_aware["valid_ndcg"].idxmax(), "method"]
     saved = save_recommender(study["models"][chosen.split("(")[1].rstrip(")")], task, Path(out_dir) / "recommender")
     latency = {name: s.__dict__ for name, s in study["latency"].items()}
+    peers = Path(out_dir) / "peers"
+    peers = peer_table(peers, task).to_dict(orient="records") if any(peers.glob("*/meta.json")) else []
     return save_results(Path(out_dir) / "recommendation.json", results, chapter="03b_recommend", quick=quick,
                         counts=task.counts, summary=summarise(table).reset_index().to_dict(orient="records"),
-                        latency=latency, saved_recommender={"folder": str(saved), "method": chosen})
+                        latency=latency, saved_recommender={"folder": str(saved), "method": chosen}, peers=peers)
