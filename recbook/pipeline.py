@@ -34,10 +34,10 @@ from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_en
 from .objective import plot_pareto
 
 # %% auto #0
-__all__ = ['PIPELINE_SIZES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'load_interactions', 'content_key', 'StageCache',
-           'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies', 'OutputFolderError',
-           'is_run_folder', 'claim_run_folder', 'check_run_task', 'optimize', 'export_search', 'publish_export',
-           'current_export', 'load_optimized', 'write_report', 'markdown_table']
+__all__ = ['PIPELINE_SIZES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'config_from', 'load_interactions', 'content_key',
+           'StageCache', 'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies',
+           'OutputFolderError', 'is_run_folder', 'claim_run_folder', 'check_run_task', 'optimize', 'export_search',
+           'publish_export', 'current_export', 'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
@@ -93,6 +93,10 @@ class PipelineConfig:
 
 def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
     "A checked `PipelineConfig` from a TOML file (optional) and keyword overrides (None means: not given)."
+    return config_from(PipelineConfig, path, **overrides)
+
+def config_from(kind: type, path: str | Path | None = None, **overrides):
+    "A checked config of dataclass `kind` from a TOML file (optional) and keyword overrides (None means: not given)."
     values = {}
     if path is not None:
         import tomllib
@@ -101,11 +105,11 @@ def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ValueError(f"Could not read the config file {path}: {error}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Unknown config keys {unknown}; known keys: {sorted(known)}.")
-    return PipelineConfig(**values).check()
+        raise ValueError(f"Unknown config keys {unknown} for {kind.__name__}; known keys: {sorted(known)}.")
+    return kind(**values).check()
 
 # %% ../nbs/08_pipeline.ipynb #00c9ba7f
 def load_interactions(config: PipelineConfig) -> Interactions:

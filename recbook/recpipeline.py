@@ -22,8 +22,8 @@ from .core import atomic_write_text, machine_info, measure_latencies, model_size
 from .histories import MOVIELENS_COLUMNS, RecommendationTask, build_recommendation_task, load_movielens
 from .model import resolve_encoder
 from .objective import plot_pareto
-from .pipeline import (StageCache, _logger, _noise_notes, _select, check_run_task, claim_run_folder, content_key,
-                             markdown_table)
+from .pipeline import (StageCache, _logger, _noise_notes, _select, check_run_task, claim_run_folder, config_from,
+                             content_key, markdown_table)
 from .recfast import STUDENT_SHAPE, TEACHER_SHAPE, SequenceServer, distillation_loss, evaluate_server, quantize_recommender
 from .recommend import (RECOMMENDER_FILES, Recommender, SequenceRecommender, fit_sequence_recommender, item_text_vectors,
                                save_recommender, user_sequences)
@@ -84,19 +84,7 @@ class RecommendationConfig:
 
 def recommendation_config(path: str | Path | None = None, **overrides) -> RecommendationConfig:
     "A checked `RecommendationConfig` from a TOML file (optional) and keyword overrides (None means: not given)."
-    values = {}
-    if path is not None:
-        import tomllib
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ValueError(f"Could not read the config file {path}: {error}") from None
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(RecommendationConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Unknown config keys {unknown} for a recommendation run; known keys: {sorted(known)}.")
-    return RecommendationConfig(**values).check()
+    return config_from(RecommendationConfig, path, **overrides)
 
 # %% ../nbs/08a_optimize_recommendation.ipynb #r8a00008
 def _as_time(column: pd.Series, name: str) -> pd.Series:
