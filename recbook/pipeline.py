@@ -36,8 +36,9 @@ from .objective import plot_pareto
 # %% auto #0
 __all__ = ['PIPELINE_SIZES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'config_from', 'load_interactions', 'content_key',
            'StageCache', 'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies',
-           'OutputFolderError', 'is_run_folder', 'claim_run_folder', 'check_run_task', 'optimize', 'export_search',
-           'publish_export', 'current_export', 'load_optimized', 'write_report', 'markdown_table']
+           'OutputFolderError', 'is_run_folder', 'claim_run_folder', 'check_run_task', 'PreparedRun', 'prepare_run',
+           'optimize', 'export_search', 'publish_export', 'current_export', 'load_optimized', 'write_report',
+           'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
@@ -104,6 +105,7 @@ def config_from(kind: type, path: str | Path | None = None, **overrides):
             values = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ValueError(f"Could not read the config file {path}: {error}") from None
+    values.pop("autotune", None)  # the [autotune] table of the same file is chapter 08b's AutotuneConfig
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
@@ -374,10 +376,23 @@ def check_run_task(out: Path, task: str):
         raise OutputFolderError(f"{out} holds a {earlier} run of `recbook optimize`; give --out another folder for a {task} run.")
 
 # %% ../nbs/08_pipeline.ipynb #884aa3da
-def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> dict:
-    """Run the whole pipeline into `out` (resumable), export the chosen model as a new version under `out/models`,
-    write report.md / results.json / pareto.png. Trained and measured stages are cached; latency is measured again,
-    interleaved, on every run."""
+@dataclass
+class PreparedRun:
+    "What every search run starts from: its checked config and folder, the task, the stage cache and the trained teacher."
+    config: PipelineConfig
+    out: Path
+    log: logging.Logger
+    task: SearchTask
+    counts: dict          # what the data holds, before the evaluation subset
+    stages: StageCache
+    fingerprint: str      # of the task as measured
+    base: str             # the key of the teacher's recipe, which every later stage extends
+    teacher_dir: Path
+    started: float
+
+def prepare_run(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> PreparedRun:
+    """Steps 1-2 of every search run: check the config, claim the run folder, build the task and train (or reuse) the
+    teacher. `optimize` goes on from here with its candidate list, chapter 08b's `autotune` with a search."""
     started = time.perf_counter()
     config = (config or PipelineConfig()).check()
     out = claim_run_folder(out)
@@ -409,7 +424,16 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
                          epochs=sizes["epochs"], seed=config.seed, progress=progress)
         save_model(model, folder / "model")
     teacher_dir = stages.run("teacher", base, train_teacher)
-    candidates = _candidates(config, stages, task, teacher_dir, base, progress)
+    return PreparedRun(config, out, log, task, counts, stages, fingerprint, base, teacher_dir, started)
+
+def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optimize", progress: bool = True) -> dict:
+    """Run the whole pipeline into `out` (resumable), export the chosen model as a new version under `out/models`,
+    write report.md / results.json / pareto.png. Trained and measured stages are cached; latency is measured again,
+    interleaved, on every run."""
+    run = prepare_run(config, out, progress)
+    config, out, log, task, stages, fingerprint = run.config, run.out, run.log, run.task, run.stages, run.fingerprint
+    sizes, counts, started = config.size(), run.counts, run.started
+    candidates = _candidates(config, stages, task, run.teacher_dir, run.base, progress)
 
     rows, catalogues = [], {}
     for name, folder in tqdm(candidates.items(), desc="measure", disable=not progress):
@@ -537,8 +561,9 @@ def _load_part(path: Path, load: Callable):
     except Exception as error:
         raise ValueError(f"{path} cannot be loaded ({_reason(error)}); run `recbook optimize` again.") from None
 
-def load_optimized(path: str | Path, device=None, index: str = "exact", **index_knobs) -> SearchService:
-    "Chapter 05's `SearchService` over the model and catalogue saved by `recbook optimize` in `path` (its current version)."
+def load_optimized(path: str | Path, device=None, index: str | None = None, **index_knobs) -> SearchService:
+    """Chapter 05's `SearchService` over the model and catalogue saved by `recbook optimize` in `path` (its current version).
+    `index` and its knobs: as given, else as the export records them (an automatic search may choose HNSW), else exact."""
     path = current_export(path)
     if not (path / "search.json").is_file():
         raise ValueError(f"{path} is not a folder written by `recbook optimize` (no search.json).")
@@ -557,6 +582,8 @@ def load_optimized(path: str | Path, device=None, index: str = "exact", **index_
         raise StaleCacheError(f"{error} Stale or edited files (or an older recbook's export): run `recbook optimize` again.") from None
     except Exception as error:  # a truncated or foreign embeddings file
         raise ValueError(f"{path / 'catalogue.safetensors'} cannot be read ({_reason(error)}); run `recbook optimize` again.") from None
+    if index is None:
+        index, index_knobs = meta.get("index", "exact"), {**meta.get("index_knobs", {}), **index_knobs}
     service = SearchService(model, items, index=index, columns=meta.get("columns", []), embeddings=embeddings, **index_knobs)
     service.meta = meta
     return service
