@@ -18,6 +18,8 @@ bench_requirements = ["sentence-transformers>=6.3,<7"]  # the modules API of 6.x
 gen_requirements = ["gguf", "accelerate"]
 # The book as a website (tools/build_site.py): Quarto cannot be installed offline, mkdocs can. MathJax is no Python
 # package: the build fetches it once from npm into a cache outside git (npm must be on PATH for that first build).
+# The automatic search of chapter 08b: Optuna (its RDB storage brings SQLAlchemy; SQLite needs nothing more).
+tune_requirements = ["optuna>=5,<6"]
 docs_requirements = ["mkdocs-material", "mkdocs-jupyter", "mkdocstrings[python]"]
 
 setup(
@@ -42,7 +44,8 @@ setup(
     include_package_data=True,
     install_requires=requirements,
     extras_require={
-        "dev": dev_requirements + bench_requirements,
+        "dev": dev_requirements + bench_requirements + tune_requirements,
+        "tune": tune_requirements,
         "bench": bench_requirements,
         "gen": gen_requirements,
         "docs": docs_requirements,

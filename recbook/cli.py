@@ -30,6 +30,7 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "recommendation-fast": "recbook.recfast",
     "recommendation-lowdata": "recbook.reclowdata",
     "scale": "recbook.scale",
+    "autotune": "recbook.autotune",
 }
 
 # %% ../nbs/99_cli.ipynb #fabd2143
@@ -71,14 +72,53 @@ def _optimize(args) -> int:
     overrides["quick"] = True if args.quick else None
     overrides["knowledge"] = True if args.knowledge else None
     overrides["augment"] = args.augment
-    results = optimize(load_config(args.config, **overrides), args.out, progress=not args.no_progress)
+    config = load_config(args.config, **overrides)
+    searched = [flag for flag, given in (("--sampler", args.sampler), ("--storage", args.storage), ("--study", args.study),
+                                         ("--space", args.space), ("--worker", args.worker), ("--jobs", args.jobs)) if given]
+    if args.trials is None and searched:
+        raise ValueError(f"{', '.join(searched)}: for a search only; add --trials N.")
+    if args.trials is not None:
+        return _autotune(args, config)
+    results = optimize(config, args.out, progress=not args.no_progress)
     print(f"chosen: {results['chosen']}; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+def _space(text: str | None) -> dict | None:
+    "`layers=1,2;int8=off,linear` -> {'layers': [1, 2], 'int8': ['off', 'linear']} (numbers where they parse)."
+    if not text:
+        return None
+    def value(v):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+    space = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        knob, sep, choices = part.partition("=")
+        if not sep:
+            raise ValueError(f"--space part {part!r} is not knob=choice,choice (e.g. layers=1,2;int8=off).")
+        space[knob.strip()] = [value(v.strip()) for v in choices.split(",") if v.strip()]
+    return space
+
+def _autotune(args, config) -> int:
+    "Chapter 08b's search: an Optuna study of --trials trials, then chapter 08's choice on its front."
+    from recbook.autotune import autotune, autotune_config
+    tune = autotune_config(args.config, trials=args.trials, sampler=args.sampler, storage=args.storage, study=args.study,
+                           space=_space(args.space))
+    results = autotune(config, tune, args.out, progress=not args.no_progress, worker=args.worker, jobs=args.jobs or 1)
+    if args.worker:
+        print(f"worker done; the study is in {tune.storage or Path(args.out) / 'study.sqlite3'}")
+    else:
+        print(f"chosen: {results['chosen']} from {results['study']['trials']} trials; report: {Path(args.out) / 'report.md'}")
     return 0
 
 def _optimize_recommendation(args) -> int:
     "Chapter 08a's run: the flags of a behaviour table; the search-only ones are refused by name."
     search_only = [flag for flag, given in (("--query", args.query), ("--item-features", args.item_features),
-                                            ("--augment", args.augment), ("--knowledge", args.knowledge)) if given]
+                                            ("--augment", args.augment), ("--knowledge", args.knowledge),
+                                            ("--trials", args.trials is not None)) if given]
     if search_only:
         raise ValueError(f"{', '.join(search_only)}: for --task search only; a recommendation run takes --user, --item, "
                          f"--timestamp, --rating and --text (the item text columns).")
@@ -184,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--speedup", type=float, default=None, help="required speed-up over the teacher (default 4)")
     run.add_argument("--augment", default=None, help="step 4: an augmenter of chapter 06 for the training queries (e.g. keyboard)")
     run.add_argument("--knowledge", action="store_true", help="step 5: fuse chapter 07's item facts into the documents")
+    tune = run.add_argument_group("automatic search (chapter 08b; needs the tune extra)")
+    tune.add_argument("--trials", type=_positive, default=None, help="search the knobs with an Optuna study of this many "
+                      "complete trials instead of chapter 08's fixed list")
+    tune.add_argument("--sampler", choices=["tpe", "nsga2", "random", "hand"], default=None, help="the study's sampler (default tpe)")
+    tune.add_argument("--storage", default=None, help="the study's database, any SQLAlchemy URL (default: SQLite in --out)")
+    tune.add_argument("--study", default=None, help="the study's name (default: from the recipe, space, sampler and seed)")
+    tune.add_argument("--space", default=None, help="knob choices replacing the defaults, e.g. 'layers=1,2;int8=off'")
+    tune.add_argument("--worker", action="store_true", help="only run trials of the shared study, then stop")
+    tune.add_argument("--jobs", type=_positive, default=None, help="worker processes on this machine (default 1)")
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--quick", action="store_true", help="teaching size (a few minutes on a laptop CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -218,7 +267,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     import pickle, tarfile, zipfile
     from safetensors import SafetensorError
     from recbook.infer import StaleCacheError
-    return (ValueError, LookupError, OSError, UnicodeError, tarfile.TarError, zipfile.BadZipFile, pickle.UnpicklingError,
+    return (ValueError, LookupError, OSError, UnicodeError, ImportError, tarfile.TarError, zipfile.BadZipFile, pickle.UnpicklingError,
             SafetensorError, StaleCacheError)
 
 def _one_line(error: BaseException) -> str:
