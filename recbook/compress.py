@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import tempfile
@@ -18,19 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import (BenchResult, _plain_tensors, get_device, measure_latency, model_size, quiet_libraries, save_results,
-                          seed_everything)
+from .core import (BenchResult, _plain_tensors, cpu_details, get_device, measure_latency, model_size, quiet_libraries,
+                          save_results, seed_everything)
 from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
 from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _scoring_inputs, ensure_teacher, read_model_config,
                            save_model, scoring_report, search_report, train_bi_encoder, train_scorer)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
-__all__ = ['INT8_MODES', 'INT8_FILES', 'COMPRESSION_SIZES', 'encoder_linears', 'magnitude_prune', 'sparsity_of', 'drop_layers',
-           'evenly_spaced', 'prune_ffn', 'head_importance', 'apply_head_pruning', 'prune_heads', 'quantize_rows',
-           'RowwiseInt8Linear', 'Int8Embedding', 'quantize_int8', 'half_precision', 'export_onnx', 'OnnxBiEncoder',
-           'distill_bi_encoder', 'save_compressed', 'load_compressed', 'measure_variant', 'compression_study',
-           'compression_table', 'measure_scorer', 'scoring_compression_study', 'scoring_table', 'bench']
+__all__ = ['INT8_DOT_FLAGS', 'EXACT_FLOAT_DEPTH', 'INT8_MODES', 'INT8_FILES', 'COMPRESSION_SIZES', 'encoder_linears',
+           'magnitude_prune', 'sparsity_of', 'drop_layers', 'evenly_spaced', 'prune_ffn', 'head_importance',
+           'apply_head_pruning', 'prune_heads', 'quantize_rows', 'int8_kernel', 'int8_matmul', 'RowwiseInt8Linear',
+           'Int8Embedding', 'quantize_int8', 'half_precision', 'export_onnx', 'OnnxBiEncoder', 'distill_bi_encoder',
+           'save_compressed', 'load_compressed', 'measure_variant', 'compression_study', 'compression_table',
+           'measure_scorer', 'scoring_compression_study', 'scoring_table', 'bench']
 
 # %% ../nbs/04_compression.ipynb #fd079b60
 def encoder_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -139,6 +141,32 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = largest.clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # CPU instructions that give torch._int_mm a fast kernel
+EXACT_FLOAT_DEPTH = 1024  # 127 * 127 * 1024 < 2**24: sums of this many int8 products are exact in fp32
+
+@functools.cache
+def int8_kernel(device_type: str = "cpu") -> str:
+    "How int8 products run here: 'int_mm' (torch's int8 kernel: GPUs, CPUs with VNNI/AMX) or 'float' (exact in fp32)."
+    if device_type != "cpu":
+        return "int_mm"
+    return "int_mm" if set(cpu_details()["cpu_flags"]) & set(INT8_DOT_FLAGS) else "float"
+
+def int8_matmul(codes: torch.Tensor, weight: torch.Tensor, weight_float: torch.Tensor | None = None,
+                kernel: str | None = None) -> torch.Tensor:
+    """Exact int32 products `codes` [rows, k] @ `weight` [k, n] of int8 matrices in [-127, 127].
+    Without int8 dot-product instructions torch._int_mm falls back to a scalar loop tens of times slower
+    than fp32, so there the codes are multiplied as floats in slices of k <= EXACT_FLOAT_DEPTH: every
+    partial sum is an integer below 2**24, exact in any order, so both kernels give the same bits."""
+    kernel = kernel or int8_kernel(codes.device.type)
+    if kernel == "int_mm":
+        return torch._int_mm(codes, weight)
+    weight_float = weight.float() if weight_float is None else weight_float
+    codes_float, out = codes.float(), None
+    for start in range(0, codes.shape[1], EXACT_FLOAT_DEPTH):
+        part = (codes_float[:, start:start + EXACT_FLOAT_DEPTH] @ weight_float[start:start + EXACT_FLOAT_DEPTH]).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
 class RowwiseInt8Linear(nn.Module):
     """`nn.Linear` in int8: weights with one scale per output channel, inputs with one scale per row (token),
     so a row's output never depends on the other rows of the batch, padding included."""
@@ -163,9 +191,19 @@ class RowwiseInt8Linear(nn.Module):
             new.bias.data = linear.bias.detach().float().cpu().clone()
         return new
 
+    def _weight_float(self) -> torch.Tensor | None:
+        "The codes as floats for the 'float' kernel, made once per weight tensor and never saved."
+        if int8_kernel(self.weight.device.type) != "float":
+            return None
+        cached = getattr(self, "_codes_float", None)
+        if cached is None or cached[0] != (self.weight.data_ptr(), self.weight.device):
+            cached = ((self.weight.data_ptr(), self.weight.device), self.weight.float())
+            self._codes_float = cached
+        return cached[1]
+
     def _block(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = quantize_rows(x)
-        out = torch._int_mm(codes, self.weight).float().mul_(scale).mul_(self.weight_scale)  # exact int32 sums, then rescale
+        out = int8_matmul(codes, self.weight, self._weight_float()).float().mul_(scale).mul_(self.weight_scale)  # exact, rescaled
         return out if self.bias is None else out.add_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

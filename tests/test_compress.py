@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from recbook.compress import (Int8Embedding, RowwiseInt8Linear, apply_head_pruning, distill_bi_encoder, drop_layers,
-                              evenly_spaced, export_onnx, head_importance, load_compressed, magnitude_prune, OnnxBiEncoder,
+                              evenly_spaced, export_onnx, head_importance, int8_matmul, int8_kernel, load_compressed, magnitude_prune, OnnxBiEncoder,
                               prune_ffn, prune_heads, quantize_int8, quantize_rows, save_compressed, sparsity_of)
 from recbook.core import model_size
 from recbook.model import BiEncoder
@@ -121,6 +121,23 @@ def test_rowwise_linear_is_the_dequantized_float_product(rows, inputs, outputs, 
         bound = x.abs().sum(1, keepdim=True) * sw / 2 + scale / 2 * w.abs().sum(0) + inputs * scale * sw / 4
         assert ((out - exact).abs() <= bound * (1 + 1e-3) + 1e-5 * reference.abs().max() + 1e-30).all()
         assert torch.equal(layer(x[-1:]), out[-1:])  # a row alone gives the same bits as inside the batch
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), depth=st.integers(1, 2300), cols=st.integers(1, 9), extreme=st.booleans(), seed=st.integers(0, 2**16))
+def test_both_int8_kernels_give_the_exact_integer_product(rows, depth, cols, extreme, seed):
+    g = torch.Generator().manual_seed(seed)
+    if extreme:  # every product 127 * 127 or its negative: sums past fp32's 2**24 once depth > 1040
+        a = torch.full((rows, depth), 127, dtype=torch.int8)
+        w = (torch.randint(0, 2, (depth, cols), generator=g) * 254 - 127).to(torch.int8)
+    else:
+        a = torch.randint(-127, 128, (rows, depth), generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (depth, cols), generator=g, dtype=torch.int8)
+    exact = (a.long() @ w.long())  # int64 reference
+    for kernel in ("float", "int_mm"):
+        out = int8_matmul(a, w, kernel=kernel)
+        assert out.dtype == torch.int32 and torch.equal(out.long(), exact)
+    assert int8_kernel("cuda") == "int_mm" and int8_kernel() in ("float", "int_mm")
 
 
 def test_rowwise_linear_rows_never_see_each_other():
