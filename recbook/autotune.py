@@ -30,7 +30,7 @@ from .core import atomic_write_text, get_device, machine_info, measure_latencies
 from .index import VectorIndex
 from .model import load_model, search_report
 from .objective import pareto_front
-from .pipeline import (PipelineConfig, PreparedRun, _select, _training_pairs, content_key, markdown_table,
+from .pipeline import (PipelineConfig, PreparedRun, config_from, _select, _training_pairs, content_key, markdown_table,
                               prepare_run, publish_export, write_report)
 
 
@@ -115,19 +115,7 @@ class AutotuneConfig:
 
 def autotune_config(path: str | Path | None = None, **overrides) -> AutotuneConfig:
     "A checked `AutotuneConfig` from the [autotune] table of a TOML file (optional) and keyword overrides."
-    values = {}
-    if path is not None:
-        import tomllib
-        try:
-            values = tomllib.loads(Path(path).read_text()).get("autotune", {})
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ValueError(f"Could not read the config file {path}: {error}") from None
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(AutotuneConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Unknown [autotune] keys {unknown}; known keys: {sorted(known)}.")
-    return AutotuneConfig(**values).check()
+    return config_from(AutotuneConfig, path, section="autotune", **overrides)
 
 
 # %% ../nbs/08b_autotune.ipynb #r8b00010

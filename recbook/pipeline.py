@@ -34,8 +34,8 @@ from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_en
 from .objective import plot_pareto
 
 # %% auto #0
-__all__ = ['PIPELINE_SIZES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'config_from', 'load_interactions', 'content_key',
-           'StageCache', 'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies',
+__all__ = ['PIPELINE_SIZES', 'CONFIG_TABLES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'config_from', 'load_interactions',
+           'content_key', 'StageCache', 'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies',
            'OutputFolderError', 'is_run_folder', 'claim_run_folder', 'check_run_task', 'PreparedRun', 'prepare_run',
            'optimize', 'export_search', 'publish_export', 'current_export', 'load_optimized', 'write_report',
            'markdown_table']
@@ -96,8 +96,11 @@ def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
     "A checked `PipelineConfig` from a TOML file (optional) and keyword overrides (None means: not given)."
     return config_from(PipelineConfig, path, **overrides)
 
-def config_from(kind: type, path: str | Path | None = None, **overrides):
-    "A checked config of dataclass `kind` from a TOML file (optional) and keyword overrides (None means: not given)."
+CONFIG_TABLES = ("autotune",)  # tables of a config file that other readers own: [autotune] is chapter 08b's
+
+def config_from(kind: type, path: str | Path | None = None, section: str | None = None, **overrides):
+    """A checked config of dataclass `kind` from a TOML file (optional) and keyword overrides (None means: not given):
+    the file's top-level keys, or its `[section]` table when one is named."""
     values = {}
     if path is not None:
         import tomllib
@@ -105,12 +108,19 @@ def config_from(kind: type, path: str | Path | None = None, **overrides):
             values = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ValueError(f"Could not read the config file {path}: {error}") from None
-    values.pop("autotune", None)  # the [autotune] table of the same file is chapter 08b's AutotuneConfig
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    if section is None:
+        values = {k: v for k, v in values.items() if k not in CONFIG_TABLES}
+    else:
+        values = values.get(section, {})
+        if not isinstance(values, dict):
+            raise ValueError(f"{section} in the config file {path} must be a table: write [{section}] on a line of its "
+                             f"own, then its keys.")
+    values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Unknown config keys {unknown} for {kind.__name__}; known keys: {sorted(known)}.")
+        keys = "config keys" if section is None else f"[{section}] keys"
+        raise ValueError(f"Unknown {keys} {unknown} for {kind.__name__}; known keys: {sorted(known)}.")
     return kind(**values).check()
 
 # %% ../nbs/08_pipeline.ipynb #00c9ba7f

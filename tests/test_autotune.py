@@ -128,3 +128,20 @@ def test_a_small_search_through_the_command(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert again["study"]["trials"] == 3
     assert again["study"]["table"][:2] == results["study"]["table"]  # the finished trials are read back, not rerun
+
+
+def test_one_config_file_feeds_both_readers(tmp_path):
+    from recbook.autotune import autotune_config
+    from recbook.pipeline import load_config
+    path = tmp_path / "recipe.toml"
+    path.write_text('quick = true\nspeedup = 3.0\n\n[autotune]\ntrials = 7\nsampler = "random"\n')
+    assert load_config(path).speedup == 3.0 and load_config(path).quick
+    tune = autotune_config(path, seed=4)
+    assert (tune.trials, tune.sampler, tune.seed) == (7, "random", 4)
+    assert autotune_config(path, trials=None).trials == 7  # None means: not given
+    path.write_text('[autotune]\nheads = 3\n')
+    with pytest.raises(ValueError, match=r"Unknown \[autotune\] keys \['heads'\]"):
+        autotune_config(path)
+    path.write_text('autotune = 3\n')
+    with pytest.raises(ValueError, match=r"must be a table"):
+        autotune_config(path)
