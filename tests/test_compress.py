@@ -242,7 +242,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny, tokenizer):
     assert gap(student) < before
 
 
-def test_bench_writes_the_fields_the_issue_names(tmp_path, monkeypatch):
+def test_bench_writes_the_fields_chapter_04_reports(tmp_path, monkeypatch):
     """compression.json: a variants list with the agreed fields, the teacher's row and the chosen point."""
     import recbook.compress as compress
     from recbook.core import BenchResult, LatencyStats, ModelSize
