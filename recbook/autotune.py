@@ -35,11 +35,12 @@ from .pipeline import (PipelineConfig, PreparedRun, config_from, _select, _train
 
 
 # %% auto #0
-__all__ = ['SEARCH_SPACE', 'SAMPLERS', 'TUNE_INSTALL', 'HV_REFERENCE', 'AUTOTUNE_SIZES', 'StorageError', 'BudgetError',
-           'AutotuneConfig', 'autotune_config', 'open_storage', 'make_sampler', 'open_study', 'run_trials',
-           'kept_layers', 'scores_of', 'query_path', 'SearchTrials', 'hypervolume_2d', 'trials_table', 'study_front',
-           'hypervolume_history', 'importances', 'hand_list', 'setting_name', 'study_name', 'search', 'measure_front',
-           'front_settings', 'plot_study', 'autotune', 'write_study_report', 'compare_searches', 'bench']
+__all__ = ['SEARCH_SPACE', 'SAMPLERS', 'TUNE_INSTALL', 'HV_REFERENCE', 'FRONT_ROUNDS', 'AUTOTUNE_SIZES', 'StorageError',
+           'BudgetError', 'AutotuneConfig', 'autotune_config', 'open_storage', 'make_sampler', 'open_study',
+           'run_trials', 'kept_layers', 'scores_of', 'query_path', 'SearchTrials', 'hypervolume_2d', 'trials_table',
+           'study_front', 'hypervolume_history', 'importances', 'hand_list', 'setting_name', 'study_name', 'search',
+           'measure_front', 'front_settings', 'plot_study', 'autotune', 'write_study_report', 'compare_searches',
+           'bench']
 
 # %% ../nbs/08b_autotune.ipynb #r8b00007
 SEARCH_SPACE = {  # knob -> its choices; every knob is categorical, so one setting names one build exactly
@@ -465,6 +466,8 @@ def search(config: PipelineConfig | None = None, tune: AutotuneConfig | None = N
         raise RuntimeError(f"{len(failed)} worker process(es) stopped with exit code {failed[0]}; see {run.out / 'run.log'}.")
     return run, trials, study
 
+FRONT_ROUNDS = 3  # the final measurement of a front takes this many times a trial's latency rounds: the choice rests on it
+
 def measure_front(trials: SearchTrials, settings: dict[str, dict], repeats: int) -> pd.DataFrame:
     """Candidates named by their knob settings, with the teacher: quality from their cached stages, latency per query
     measured again, all of them interleaved in one run (trial latencies came from different moments, and maybe from
@@ -536,7 +539,7 @@ def autotune(config: PipelineConfig | None = None, tune: AutotuneConfig | None =
         return {}
     config, tune = run.config, (tune or AutotuneConfig())
     table, settings = trials_table(study), front_settings(study)
-    variants = measure_front(trials, settings, trials.repeats)
+    variants = measure_front(trials, settings, FRONT_ROUNDS * trials.repeats)
     chosen, rule = _select(variants, config)
     if not rule.get("met") and config.budget_ms is not None:
         fastest = variants["latency_ms_p50"].min()
@@ -621,7 +624,7 @@ def compare_searches(config: PipelineConfig, out: str | Path, trials: int, seeds
         studies.append({"method": method, "seed": seed, "study": study, "table": trials_table(study)})
     equal = len(studies[0]["table"])  # the hand list's number of model builds
     settings = {setting_name(p): (n, p) for s in studies for n, p in front_settings(s["study"]).values()}
-    variants = measure_front(objective, settings, objective.repeats)
+    variants = measure_front(objective, settings, FRONT_ROUNDS * objective.repeats)
     rows = []
     for s in studies:
         names = ["teacher", *[n for n in (setting_name(p) for _, p in front_settings(s["study"]).values()) if n in variants.index]]
