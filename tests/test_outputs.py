@@ -44,3 +44,13 @@ def test_the_check_sees_an_edited_cell_and_a_new_one(tmp_path):
     stamped["cells"].append({"cell_type": "code", "id": "b2", "source": ["y = 3"], "metadata": {}, "outputs": []})
     assert stale_cells(stamped) == ["a1", "b2"]
     assert execute.source_hash(["x = 1\n", "print(x)"]) == execute.source_hash("x = 1\nprint(x)")
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "## Summary" in p.read_text()], ids=lambda p: p.stem)
+def test_a_chapter_ends_with_references_and_a_chinese_summary(path):
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+    headings = [line.strip() for c in cells for line in "".join(c["source"]).splitlines() if line.startswith("## ")]
+    assert "## References" in headings, f"{path.name} has no references"
+    assert headings[-1] == "## 中文小结", f"{path.name} does not end with its Chinese summary"
+    chinese = "".join(cells[-1]["source"]).split("## 中文小结", 1)[1]
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in chinese) > 150, f"{path.name}: the Chinese summary is too short"

@@ -155,6 +155,13 @@ def test_every_chapter_and_module_has_a_page_in_order(site):
     assert -1 not in positions and positions == sorted(positions)  # navigation in chapter order
 
 
+def test_the_chinese_readme_is_a_page_linked_both_ways(site):
+    _, out, _, _ = site
+    page = (out / "zh-CN" / "index.html").read_text()
+    assert "bash .ci/run" in page and "08_pipeline/" in page  # the commands, and chapters linked into the site
+    assert 'href="zh-CN/"' in (out / "index.html").read_text() and 'href="../"' in page
+
+
 def test_internal_links_resolve(site):
     _, out, _, _ = site
     broken = []

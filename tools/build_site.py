@@ -169,14 +169,20 @@ def stage_notebook(nb: Path, out: Path) -> None:
     (out / nb.name).write_text(json.dumps(book, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+READMES = {"README.md": "index.md", "README.zh-CN.md": "zh-CN.md"}  # the README files, and their pages in the site
+
+
 def stage(out: Path = SOURCE) -> dict:
     "Copy the notebooks and README, write the API pages and assets, return the navigation."
     shutil.rmtree(out, ignore_errors=True)
     (out / "api").mkdir(parents=True)
     write_assets(out)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    readme = re.sub(r"`?nbs/(\w+)\.ipynb`?", r"[\1](\1.ipynb)", readme)  # chapter table -> links into the site
-    (out / "index.md").write_text(readme, encoding="utf-8")
+    for source, page in READMES.items():  # the English README is the home page, the Chinese one its sibling
+        readme = (ROOT / source).read_text(encoding="utf-8")
+        readme = re.sub(r"`?nbs/(\w+)\.ipynb`?", r"[\1](\1.ipynb)", readme)  # chapter table -> links into the site
+        for other, other_page in READMES.items():
+            readme = readme.replace(f"]({other})", f"]({other_page})")
+        (out / page).write_text(readme, encoding="utf-8")
     book, api = [], []
     for nb in chapters():
         stage_notebook(nb, out)
@@ -185,7 +191,7 @@ def stage(out: Path = SOURCE) -> dict:
         (out / "api" / f"recbook.{module}.md").write_text(
             f"# recbook.{module}\n\n{_docstring(module)}\n\n::: recbook.{module}\n", encoding="utf-8")
         api.append({f"recbook.{module}": f"api/recbook.{module}.md"})  # not api/index.md: a module may be named index
-    return {"nav": [{"Home": "index.md"}, {"The book": book}, {"API reference": api}]}
+    return {"nav": [{"Home": "index.md"}, {"中文": READMES["README.zh-CN.md"]}, {"The book": book}, {"API reference": api}]}
 
 
 # nbconvert puts a Mermaid loader on every notebook page that imports mermaid.js from cdnjs when the page has a
