@@ -86,6 +86,7 @@ _NOTICES = (  # (category, start of message): what libraries print on every call
     (UserWarning, "Exporting aten::index operator"),           # an ONNX opset note on every export
     (torch.jit.TracerWarning, ""),                             # tracing notes on transformers' masking code
     (FutureWarning, "torch.ao.quantization"), (DeprecationWarning, "torch.ao.quantization"),
+    (UserWarning, "torch.quantize_per_tensor, torch.quantize_per_channel"),  # the same deprecation, from inside torch
 )
 
 class _DropOrtAdvice(logging.Filter):
