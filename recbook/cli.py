@@ -25,6 +25,7 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "recommendation": "recbook.recommend",
     "compression": "recbook.compress",
     "inference": "recbook.infer",
+    "query-side": "recbook.queryside",
     "augmentation": "recbook.augment",
     "knowledge": "recbook.knowledge",
     "recommendation-fast": "recbook.recfast",

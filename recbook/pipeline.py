@@ -24,26 +24,29 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, load_compressed, quantize_int8, save_compressed
+from .queryside import QUERY_SIDE_LR, StaticQueryEncoder, load_query_encoder, save_query_encoder, static_from_teacher, train_query_side
 from .core import atomic_write_text, get_device, machine_info, measure_latencies, model_size
 from .data import Interactions, SearchTask, build_search_task, clothing_interactions, from_table
 from .tables import read_table
 from .infer import (SearchService, StaleCacheError, catalogue_fingerprint, load_embeddings, model_fingerprint,
                            save_embeddings)
-from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, resolve_encoder, save_model, search_report,
+from .model import (STUDY_SIZES, BiEncoder, load_encoder, load_model, read_model_config, resolve_encoder, save_model, search_report,
                            teacher_path, train_bi_encoder)
 from .objective import plot_pareto
 
 # %% auto #0
 __all__ = ['PIPELINE_SIZES', 'CONFIG_TABLES', 'RUN_MARKER', 'PipelineConfig', 'load_config', 'config_from', 'load_interactions',
            'content_key', 'StageCache', 'task_fingerprint', 'with_knowledge', 'measure_candidate', 'query_latencies',
-           'OutputFolderError', 'is_run_folder', 'claim_run_folder', 'check_run_task', 'PreparedRun', 'prepare_run',
-           'optimize', 'export_search', 'publish_export', 'current_export', 'load_optimized', 'write_report',
-           'markdown_table']
+           'static_student', 'load_search_model', 'OutputFolderError', 'is_run_folder', 'claim_run_folder',
+           'check_run_task', 'PreparedRun', 'prepare_run', 'optimize', 'export_search', 'publish_export',
+           'current_export', 'load_optimized', 'write_report', 'markdown_table']
 
 # %% ../nbs/08_pipeline.ipynb #7897145c
 PIPELINE_SIZES = {
-    "quick": dict(train_queries=128, eval_queries=100, epochs=1, layers=(2, 1), repeats=10, doc_max_length=64),
-    "full": dict(train_queries=None, eval_queries=None, epochs=1, layers=(3, 2, 1), repeats=60, doc_max_length=128),
+    "quick": dict(train_queries=128, eval_queries=100, epochs=1, layers=(2, 1), repeats=10, doc_max_length=64,
+                  static_epochs=3, static_vocabulary="data"),
+    "full": dict(train_queries=None, eval_queries=None, epochs=1, layers=(3, 2, 1), repeats=60, doc_max_length=128,
+                 static_epochs=10, static_vocabulary="all"),
 }
 
 @dataclass
@@ -65,6 +68,7 @@ class PipelineConfig:
     quick: bool = False
     seed: int = 0
     int8: bool = True                     # also try int8 (Linear + embedding tables) on CPU
+    static: bool = False                  # also try chapter 05b's static query encoder over the teacher's catalogue
     augment: str | None = None            # step 4: add one augmented copy of each training query (chapter 06's names)
     knowledge: bool = False               # step 5: prefix each item document with its facts (chapter 07's graph)
     sizes: dict = field(default_factory=dict)  # overrides of PIPELINE_SIZES (e.g. layers=[2])
@@ -213,9 +217,12 @@ def _training_pairs(task: SearchTask, n: int | None, augment: str | None = None,
     return q["query"].tolist(), [doc_of[i] for i in q["item_id"]], q["item_id"].tolist()
 
 # %% ../nbs/08_pipeline.ipynb #3e0052fc
-def measure_candidate(name: str, model: BiEncoder, task: SearchTask, folder: Path | None = None) -> dict:
-    "Validation and test NDCG@10 and friends and the size of one candidate; its catalogue embeddings saved in `folder`."
-    doc_emb = model.encode(task.items["document"].tolist(), max_length=model.doc_max_length).float().cpu()
+def measure_candidate(name: str, model: BiEncoder, task: SearchTask, folder: Path | None = None,
+                      catalogue: torch.Tensor | None = None) -> dict:
+    """Validation and test NDCG@10 and friends and the size of one candidate; its catalogue embeddings saved in `folder`.
+    `catalogue`: the embeddings a query-only encoder is paired with (the teacher's); else the model encodes the items."""
+    doc_emb = (catalogue.float().cpu() if catalogue is not None
+               else model.encode(task.items["document"].tolist(), max_length=model.doc_max_length).float().cpu())
     if folder is not None:
         save_file({"embeddings": doc_emb.contiguous()}, str(Path(folder) / "catalogue.safetensors"))
     row = {"name": name}
@@ -270,7 +277,32 @@ def _candidates(config: PipelineConfig, stages: StageCache, task: SearchTask, te
                 save_compressed(quantize_int8(load_model(folder), embeddings=True), out / "model")
             key = content_key(folder.parent.name, "int8-rowwise+embeddings")  # the method is part of the key
             folders[f"{name} + int8"] = stages.run("int8", key, build) / "model"
+    if config.static:
+        def build(folder):
+            pairs = _training_pairs(task, sizes["train_queries"], config.augment, config.seed)
+            save_query_encoder(static_student(teacher, task, *pairs, sizes, config.seed, progress), folder / "model")
+        key = content_key(base_key, sizes["static_epochs"], sizes["static_vocabulary"], "static-v1")
+        folders["static query encoder"] = stages.run("static", key, build) / "model"
     return folders
+
+def static_student(teacher: BiEncoder, task: SearchTask, queries: Sequence[str], documents: Sequence[str],
+                   item_ids: Sequence, sizes: dict, seed: int = 0, progress: bool = False) -> StaticQueryEncoder:
+    """Chapter 05b's static query encoder: token vectors from the teacher, trained on the training queries against
+    the teacher's catalogue embeddings (the teaching size starts from the tokens of the training texts only)."""
+    docs = task.items["document"].tolist()
+    doc_emb = teacher.encode(docs, max_length=teacher.doc_max_length).float()
+    position = {item: i for i, item in enumerate(task.items["item_id"])}
+    vocabulary = [*queries, *docs] if sizes["static_vocabulary"] == "data" else None
+    static = static_from_teacher(teacher, vocabulary, progress=progress)
+    train_query_side(static, teacher.encode(list(queries), max_length=teacher.query_max_length), doc_emb, list(queries),
+                     [position[i] for i in item_ids], epochs=sizes["static_epochs"], lr=QUERY_SIDE_LR["static"],
+                     seed=seed, progress=progress)
+    return static
+
+def load_search_model(folder: str | Path, device=None):
+    "A candidate saved by the pipeline: a (compressed) bi-encoder, or a static query encoder."
+    kind = read_model_config(folder).get("kind")
+    return load_query_encoder(folder, device) if kind == StaticQueryEncoder.kind else load_compressed(folder, device=device)
 
 def _reusable_teacher(config: PipelineConfig, sizes: dict) -> Path | None:
     "Chapter 03's cached search teacher when this run's recipe is exactly the one that trained it, else None."
@@ -448,12 +480,14 @@ def optimize(config: PipelineConfig | None = None, out: str | Path = "runs/optim
     rows, catalogues = [], {}
     for name, folder in tqdm(candidates.items(), desc="measure", disable=not progress):
         def measure(out_folder, name=name, folder=folder):
-            row = measure_candidate(name, load_compressed(folder), task, out_folder)
+            model = load_search_model(folder)
+            paired = catalogues["teacher"] if isinstance(model, StaticQueryEncoder) else None  # it encodes queries only
+            row = measure_candidate(name, model, task, out_folder, catalogue=paired)
             atomic_write_text(out_folder / "row.json", json.dumps(row))
         done = stages.run("measure", content_key(folder.parent.name, fingerprint, name, "quality-v2"), measure)
         rows.append(json.loads((done / "row.json").read_text()))
         catalogues[name] = load_file(str(done / "catalogue.safetensors"))["embeddings"]
-    models = {name: load_compressed(folder) for name, folder in candidates.items()}
+    models = {name: load_search_model(folder) for name, folder in candidates.items()}
     latency = query_latencies(models, catalogues, task.split("valid")["query"].tolist(), sizes["repeats"])
     log.info("latency measured interleaved, %d rounds: %s", sizes["repeats"],
              {name: round(v["latency_ms_p50"], 2) for name, v in latency.items()})
@@ -488,7 +522,7 @@ def export_search(model_dir: Path, task: SearchTask, out: Path, meta: dict, embe
     shutil.rmtree(work, ignore_errors=True)
     try:
         shutil.copytree(model_dir, work / "model")
-        model = load_compressed(work / "model")
+        model = load_search_model(work / "model")
         items = task.items.assign(item_id=task.items["item_id"].astype(str))
         items.to_parquet(work / "items.parquet")
         ids, documents = items["item_id"].tolist(), items["document"].tolist()
@@ -584,7 +618,7 @@ def load_optimized(path: str | Path, device=None, index: str | None = None, **in
     if not meta:
         raise ValueError(f"{path / 'search.json'} is not readable JSON; run `recbook optimize` again.")
     items = _load_part(path / "items.parquet", pd.read_parquet)
-    model = _load_part(path / "model", lambda p: load_compressed(p, device=device))
+    model = _load_part(path / "model", lambda p: load_search_model(p, device=device))
     try:
         embeddings = load_embeddings(path / "catalogue.safetensors", model_fingerprint(model),
                                      catalogue_fingerprint(items["item_id"].tolist(), items["document"].tolist(), model.doc_max_length))

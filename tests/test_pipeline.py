@@ -23,7 +23,10 @@ def fixed_latencies(models, catalogues, queries, repeats, k=10):
     """Latencies that depend only on the model (layers, int8), never on the machine: the tests about caching, resuming
     and loading must not depend on how busy the machine is. Choice under noise has its own tests below."""
     def row(model):
-        ms = model.encoder.config.num_hidden_layers * (0.5 if getattr(model, "quantized", None) else 1.0)
+        if not hasattr(model, "encoder"):  # chapter 05b's static query encoder: no layers at all
+            ms = 0.1
+        else:
+            ms = model.encoder.config.num_hidden_layers * (0.5 if getattr(model, "quantized", None) else 1.0)
         return {"latency_ms_p50": ms, "latency_ms_low": 0.95 * ms, "latency_ms_high": 1.05 * ms, "latency_ms_p95": 1.1 * ms,
                 "latency_ms_std": 0.05 * ms, "throughput": 1e3 / ms}
     return {name: row(model) for name, model in models.items()}
@@ -46,7 +49,7 @@ def digest(folder):
 
 def config_for(encoder, data, **extra):
     return load_config(encoder=encoder, data=str(data), item="sku", text="body", query="headline", rating="stars",
-                       item_features=["category"], quick=True, sizes=SIZES, **extra)
+                       item_features=["category"], quick=True, sizes=SIZES, **{"static": True, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,7 @@ def test_own_data_and_encoder_end_to_end(finished):
     out, results = finished
     names = [v["name"] for v in results["variants"]]
     assert names[0] == "teacher" and "1-layer distilled" in names and "1-layer distilled + int8" in names
+    assert names[-1] == "static query encoder"
     quality = {v["name"]: v["valid_ndcg@10"] for v in results["variants"]}
     assert results["selection"]["met"] and quality[results["chosen"]] == max(quality.values())  # a generous budget: best wins
     for v in results["variants"]:
@@ -228,8 +232,8 @@ def test_rerun_reuses_its_export_version_and_a_new_choice_adds_one(finished, tin
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     assert first["export"] == "models/v1" and (copy / "models" / "CURRENT").read_text().strip() == "v1"
-    fastest = "1-layer distilled + int8"  # under fixed_latencies; a rule that cannot choose the first run's model:
-    other = dict(budget_ms=1e6, int8=False) if first["chosen"] == fastest else dict(budget_ms=1e-6)
+    fastest = "static query encoder"  # under fixed_latencies; a rule that cannot choose the first run's model:
+    other = dict(budget_ms=1e6, static=False) if first["chosen"] == fastest else dict(budget_ms=1e-6)
     slow = optimize(config_for(tiny_encoder, own_table, **other), copy, progress=False)
     assert slow["chosen"] != first["chosen"] and slow["export"] == "models/v2"
     assert load_optimized(copy).meta["chosen"] == slow["chosen"]
@@ -365,3 +369,23 @@ def test_equally_accurate_candidates_go_to_the_clearly_faster_else_the_smaller()
     assert _select(apart, load_config(budget_ms=8.0))[0] == "2-layer distilled"
     close = candidates_table([30.0, 5.8, 6.0, 2.0], [3.0, 0.3, 0.3, 0.2], quality, size)  # within noise: the smaller file
     assert _select(close, load_config(budget_ms=8.0))[0] == "1-layer distilled"
+
+
+def test_a_chosen_static_encoder_serves_queries_against_the_teachers_catalogue(finished, tiny_encoder, own_table, tmp_path):
+    from recbook.queryside import StaticQueryEncoder
+    out, first = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    fast = optimize(config_for(tiny_encoder, own_table, budget_ms=1e-6), copy, progress=False)  # no budget met: the fastest
+    assert fast["chosen"] == "static query encoder" and "static" not in fast["stages"]["ran"]  # built by the first run
+    service = load_optimized(copy)
+    assert isinstance(service.encoder, StaticQueryEncoder)
+    teacher = load_optimized(out) if first["chosen"] == "teacher" else None
+    if teacher is not None:
+        assert torch.equal(service.embeddings, teacher.embeddings)
+    queries = ["black dress", "soft sweater that fits", "jeans"]
+    alone = [service.search(q, k=5) for q in queries]
+    for query, result in zip(queries, alone):
+        expected = torch.topk(service.encoder.encode([query]) @ service.embeddings.T, 5).values[0]
+        np.testing.assert_allclose(result["retrieval_score"].to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert [r["item_id"].tolist() for r in service.search(queries, k=5)] == [r["item_id"].tolist() for r in alone]
