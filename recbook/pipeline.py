@@ -68,7 +68,7 @@ class PipelineConfig:
     quick: bool = False
     seed: int = 0
     int8: bool = True                     # also try int8 (Linear + embedding tables) on CPU
-    static: bool = False                  # also try chapter 05b's static query encoder over the teacher's catalogue
+    static: bool = True                   # also try chapter 05b's static query encoder over the teacher's catalogue
     augment: str | None = None            # step 4: add one augmented copy of each training query (chapter 06's names)
     knowledge: bool = False               # step 5: prefix each item document with its facts (chapter 07's graph)
     sizes: dict = field(default_factory=dict)  # overrides of PIPELINE_SIZES (e.g. layers=[2])

@@ -200,6 +200,21 @@ def test_compressed_models_round_trip(tmp_path, tiny, make):
         assert (tmp_path / make / "int8_state.safetensors").is_file() and not list((tmp_path / make).glob("*.pt"))
 
 
+@pytest.mark.parametrize("make", ["float", "int8"])
+def test_save_compressed_never_replaces_a_readers_folder(tmp_path, tiny, make):
+    model = quantize_int8(tiny) if make == "int8" else tiny
+    mine = tmp_path / "exports"
+    mine.mkdir()
+    (mine / "report.pdf").write_bytes(b"%PDF")
+    with pytest.raises(FileExistsError, match="not a recbook model folder"):
+        save_compressed(model, mine)
+    assert [p.name for p in mine.iterdir()] == ["report.pdf"]
+    save_compressed(model, tmp_path / "model")
+    again = load_compressed(save_compressed(model, tmp_path / "model"), device="cpu")  # its own folder: replaced
+    assert getattr(again, "quantized", None) == getattr(model, "quantized", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "model"]
+
+
 def test_load_compressed_names_an_unknown_quantization(tmp_path, tiny):
     path = save_compressed(quantize_int8(tiny), tmp_path / "int8")
     meta = json.loads((path / "recbook.json").read_text())

@@ -135,6 +135,26 @@ def test_save_and_load_roundtrip(tmp_path, tiny, tokenizer, kind):
         torch.testing.assert_close(back.score(["f"], ["a dress"]), model.score(["f"], ["a dress"]))
 
 
+def test_saving_replaces_an_earlier_model_but_never_a_readers_folder(tmp_path, tiny, tokenizer):
+    first, second = BiEncoder(tiny, tokenizer, doc_max_length=32), BiEncoder(tiny, tokenizer, doc_max_length=48)
+    save_model(first, tmp_path / "m")
+    save_model(second, tmp_path / "m")  # recbook's own folder: replaced
+    assert load_model(tmp_path / "m").doc_max_length == 48
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging or old copy left behind
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("months of work")
+    with pytest.raises(FileExistsError, match="not a recbook model folder"):
+        save_model(first, mine)
+    assert [p.name for p in mine.iterdir()] == ["chapter1.tex"] and (mine / "chapter1.tex").read_text() == "months of work"
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        save_model(first, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    assert load_model(save_model(first, tmp_path / "empty")).doc_max_length == 32  # an empty folder holds nothing to lose
+
+
 def test_load_model_rejects_non_models(tmp_path):
     with pytest.raises(ValueError, match="no recbook.json"):
         load_model(tmp_path)
