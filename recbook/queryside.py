@@ -25,13 +25,15 @@ from .core import BenchResult, cpu_details, get_device, measure_latencies, model
 from .data import SearchTask, build_search_task, clothing_interactions
 from .metrics import ndcg_at_k
 from .model import BiEncoder, STUDY_SIZES, _check_texts, _train_queries, ensure_teacher, mean_pool
-from .compress import distill_bi_encoder, drop_layers, evenly_spaced
+from .compress import distill_bi_encoder, drop_layers, evenly_spaced, quantize_int8
+from .infer import SearchService, cascade_scores, ensure_reranker
 
 # %% auto #0
-__all__ = ['QUERY_SIDE_SIZES', 'QUERY_SIDE_LR', 'query_time_breakdown', 'query_student', 'train_query_side', 'StaticQueryEncoder',
-           'token_vectors', 'text_tokens', 'static_from_teacher', 'save_query_encoder', 'load_query_encoder',
-           'ndcg_ratio_interval', 'query_side_candidates', 'compare_query_encoders', 'query_side_study',
-           'frontier_targets', 'bench']
+__all__ = ['QUERY_SIDE_SIZES', 'QUERY_SIDE_LR', 'CASCADE_SIZES', 'query_time_breakdown', 'query_student', 'train_query_side',
+           'StaticQueryEncoder', 'token_vectors', 'text_tokens', 'static_from_teacher', 'save_query_encoder',
+           'load_query_encoder', 'ndcg_ratio_interval', 'query_side_candidates', 'compare_query_encoders',
+           'frontier_targets', 'rerank_all', 'rerank_retrieved', 'query_encoder_cascades', 'cascade_target',
+           'query_side_study', 'bench']
 
 # %% ../nbs/05b_query_side.ipynb #4cc0b166
 def _blocks(model) -> list[nn.Module]:
@@ -330,20 +332,6 @@ def compare_query_encoders(candidates: dict[str, tuple[nn.Module, torch.Tensor]]
                      "documents by": "the teacher, offline" if docs is teacher_docs else "itself"})
     return pd.DataFrame(rows).set_index("query encoder")
 
-def query_side_study(quick: bool = False, encoder: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    "Build every query encoder from the cached teacher and compare them (the experiment of chapter 05b)."
-    size = "quick" if quick else "full"
-    sizes = {**STUDY_SIZES[size], **QUERY_SIDE_SIZES[size]}
-    task = build_search_task(clothing_interactions())
-    teacher = ensure_teacher("search", quick, encoder, progress=progress)
-    doc_emb = teacher.encode(task.items["document"].tolist(), max_length=teacher.doc_max_length).float()
-    train_q = _train_queries(task, sizes)  # the teacher's own training queries
-    table = compare_query_encoders(query_side_candidates(teacher, task, train_q, doc_emb, sizes, progress), task, sizes)
-    info = {"test_queries": len(task.split("test").head(sizes["eval_queries"] or None)), "train_queries": len(train_q),
-            "catalogue": len(task.items), "latency_queries": min(sizes["latency_queries"], len(task.split("test"))),
-            "latency_samples_each": sizes["repeats"] * sizes["latency_queries"], "cpu": cpu_details()}
-    return table, info
-
 def frontier_targets(table: pd.DataFrame, min_retained: float = 0.97, min_speedup: float = 10.0) -> dict:
     "The fastest query encoder keeping >= `min_retained` of the teacher's NDCG@10, and whether it is `min_speedup`x faster."
     keep = table[table["retained"] >= min_retained]
@@ -352,11 +340,121 @@ def frontier_targets(table: pd.DataFrame, min_retained: float = 0.97, min_speedu
             "speedup": float(keep.loc[best, "speedup"]), "retained": float(keep.loc[best, "retained"]),
             "met": bool(keep.loc[best, "speedup"] >= min_speedup)}
 
+
+# %% ../nbs/05b_query_side.ipynb #cs05b01
+CASCADE_SIZES = {  # teaching size, full size
+    "quick": dict(cascade_queries=8, depths=(0, 5, 10), cascade_latency_queries=4, cascade_repeats=2, brute_repeats=1),
+    "full": dict(cascade_queries=200, depths=(0, 3, 5, 10, 20), cascade_latency_queries=40, cascade_repeats=3,
+                 brute_repeats=3),
+}
+
+def rerank_all(reranker, queries: Sequence[str], documents: Sequence[str], progress: bool = True) -> torch.Tensor:
+    "[Q, N] cross-encoder scores of every (query, document) pair: brute-force reranking of the whole catalogue."
+    return torch.stack([reranker.score([q] * len(documents), list(documents)).float().cpu()
+                        for q in tqdm(queries, disable=not progress, desc="rerank the whole catalogue")])
+
+def rerank_retrieved(reranker, queries: Sequence[str], documents: Sequence[str], retrieved: np.ndarray) -> torch.Tensor:
+    "[Q, N] the reranker's scores of each query's retrieved items (rows of positions, -1 = none); -inf elsewhere."
+    out = torch.full((len(queries), len(documents)), float("-inf"))
+    for row, (query, ids) in enumerate(zip(queries, retrieved)):
+        ids = ids[ids >= 0]
+        out[row, torch.as_tensor(ids)] = reranker.score([query] * len(ids), [documents[i] for i in ids]).float().cpu()
+    return out
+
+def _searched(service: SearchService, queries: Sequence[str], depth: int):
+    "One call serves the next query alone through the whole path: encode, retrieve, rerank `depth`, top 10."
+    texts = iter(np.resize(np.asarray(queries, dtype=object), 10 ** 6))
+    return lambda: service.search(next(texts), k=10, depth=depth)
+
+def query_encoder_cascades(encoders: dict[str, nn.Module], reranker, task: SearchTask, doc_emb: torch.Tensor,
+                           sizes: dict, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Chapter 05's cascade with each query encoder (all scored against the teacher's catalogue `doc_emb`) and each
+    reranker (the fp32 cross-encoder and its row-wise int8 copy), against brute-force fp32 reranking of the whole
+    catalogue: test NDCG@10 with a paired-bootstrap interval of its ratio to brute force, the latency of one query
+    served alone (interleaved), and the cost model's prediction: the path's retrieval-only latency plus depth times
+    the reranker's time per pair (its brute-force latency over N)."""
+    test_q = task.split("test").sample(frac=1.0, random_state=0).head(sizes["cascade_queries"])
+    queries, docs, n = test_q["query"].tolist(), task.items["document"].tolist(), len(task.items)
+    relevance = SearchTask(task.items, {**task.queries, "test": test_q}, task.item_features).relevance("test")
+    rerankers = {"fp32": reranker, "int8": quantize_int8(reranker)}  # row-wise: a pair's score ignores its batch-mates
+    services = {(e, r): SearchService(model, task.items, reranker=rr, embeddings=doc_emb, index="exact", query_cache_size=0)
+                for e, model in encoders.items() for r, rr in rerankers.items()}
+    full = rerank_all(reranker, queries, docs, progress)
+    brute = ndcg_at_k(full, relevance)
+    depths = sorted({0, *sizes["depths"]})  # retrieval only is every path's first row: the cost model's input
+    deepest, rows, calls = max(depths), [], {}
+    timed = task.split("test").sample(frac=1.0, random_state=1)["query"].tolist()[: sizes["cascade_latency_queries"]]
+    for e in encoders:
+        retrieved = services[(e, "fp32")].retrieve(queries, min(max(deepest, 10), n))[1]
+        scores = {"fp32": full, "int8": rerank_retrieved(rerankers["int8"], queries, docs, retrieved[:, :deepest])}
+        for depth in depths:
+            for r in (("fp32",) if depth == 0 else rerankers):
+                name = f"{e}: retrieval only" if depth == 0 else f"{e} + {r} rerank k={depth}"
+                per_query = ndcg_at_k(cascade_scores(retrieved, scores[r], depth), relevance)
+                low, high = ndcg_ratio_interval(per_query, brute, sizes["bootstrap"])
+                rows.append({"path": name, "query encoder": e, "reranker": r if depth else "none", "depth": depth,
+                             "ndcg@10": float(per_query.mean()), "retained": float(per_query.mean() / brute.mean()),
+                             "retained_low": low, "retained_high": high})
+                calls[name] = _searched(services[(e, r)], timed, depth)
+    latency = measure_latencies(calls, warmup=3, repeats=sizes["cascade_repeats"] * len(timed))
+    whole = {r: (lambda rr=rr, q=iter(np.resize(np.asarray(timed, dtype=object), 10 ** 6)): rr.score([next(q)] * n, docs))
+             for r, rr in rerankers.items()}
+    brute_ms = {r: s.p50_ms for r, s in measure_latencies(whole, warmup=1, repeats=sizes["brute_repeats"]).items()}
+    alone = {e: latency[f"{e}: retrieval only"].p50_ms for e in encoders}
+    for row in rows:
+        stats = latency[row["path"]]
+        row.update(ms_p50=stats.p50_ms, ms_p95=stats.p95_ms, predicted_ms=(  # retrieval only is the model's input
+            alone[row["query encoder"]] + row["depth"] * brute_ms[row["reranker"]] / n if row["depth"] else np.nan))
+    rows.append({"path": "brute force (fp32 rerank all)", "query encoder": "none", "reranker": "fp32", "depth": n,
+                 "ndcg@10": float(brute.mean()), "retained": 1.0, "retained_low": 1.0, "retained_high": 1.0,
+                 "ms_p50": brute_ms["fp32"], "ms_p95": np.nan, "predicted_ms": np.nan})
+    table = pd.DataFrame(rows).set_index("path")
+    table["speedup"] = brute_ms["fp32"] / table["ms_p50"]
+    info = {"cascade_queries": len(queries), "latency_queries": len(timed), "catalogue": n,
+            "brute_ms_per_pair": {r: ms / n for r, ms in brute_ms.items()}}
+    return table, info
+
+def cascade_target(table: pd.DataFrame, min_retained: float = 0.97, min_speedup: float = 50.0) -> dict:
+    "The fastest cascade (a path that reranks) keeping >= `min_retained` of brute force's NDCG@10, and whether it is `min_speedup`x faster."
+    keep = table[(table["depth"] > 0) & (table["query encoder"] != "none") & (table["retained"] >= min_retained)]
+    if keep.empty:
+        return {"min_retained": min_retained, "min_speedup": min_speedup, "fastest_within_quality": None, "met": False}
+    best = keep["speedup"].idxmax()
+    return {"min_retained": min_retained, "min_speedup": min_speedup, "fastest_within_quality": best,
+            "speedup": float(keep.loc[best, "speedup"]), "retained": float(keep.loc[best, "retained"]),
+            "retained_low": float(keep.loc[best, "retained_low"]), "met": bool(keep.loc[best, "speedup"] >= min_speedup)}
+
+
+# %% ../nbs/05b_query_side.ipynb #cs05b04
+def query_side_study(quick: bool = False, encoder: str | None = None,
+                     progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Chapter 05b's experiments from the cached teacher and reranker: every query encoder against the teacher, then
+    the trained static encoder in the cascade against brute-force reranking."""
+    size = "quick" if quick else "full"
+    sizes = {**STUDY_SIZES[size], **QUERY_SIDE_SIZES[size], **CASCADE_SIZES[size]}
+    task = build_search_task(clothing_interactions())
+    teacher = ensure_teacher("search", quick, encoder, progress=progress)
+    doc_emb = teacher.encode(task.items["document"].tolist(), max_length=teacher.doc_max_length).float()
+    train_q = _train_queries(task, sizes)  # the teacher's own training queries
+    candidates = query_side_candidates(teacher, task, train_q, doc_emb, sizes, progress)
+    table = compare_query_encoders(candidates, task, sizes)
+    encoders = {"teacher": teacher, "static": candidates["static, trained on the query side"][0]}
+    cascades, cascade_info = query_encoder_cascades(encoders, ensure_reranker(quick, encoder, progress=progress), task,
+                                                    doc_emb, sizes, progress)
+    info = {"test_queries": len(task.split("test").head(sizes["eval_queries"] or None)), "train_queries": len(train_q),
+            "catalogue": len(task.items), "latency_queries": min(sizes["latency_queries"], len(task.split("test"))),
+            "latency_samples_each": sizes["repeats"] * sizes["latency_queries"], "cascade": cascade_info,
+            "cpu": cpu_details()}
+    return table, cascades, info
+
 def bench(out_dir, quick: bool = False, encoder: str | None = None) -> Path:
-    "Write the query-side study (quality, batch-1 latency, the 10x-at-97% target) as JSON."
-    table, info = query_side_study(quick, encoder, progress=False)
-    rows = [BenchResult(name, {k: row[k] for k in ("ndcg@10", "retained", "retained_low", "retained_high")},
-                        extra={k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
-                               if k not in ("ndcg@10", "retained", "retained_low", "retained_high")})
+    "Write the query-side study (quality, batch-1 latency, the 10x-at-97% and cascade targets) as JSON."
+    table, cascades, info = query_side_study(quick, encoder, progress=False)
+    quality = ("ndcg@10", "retained", "retained_low", "retained_high")
+    rows = [BenchResult(name, {k: row[k] for k in quality},
+                        extra={k: (v.item() if hasattr(v, "item") else v) for k, v in row.items() if k not in quality})
             for name, row in table.iterrows()]
-    return save_results(Path(out_dir) / "query_side.json", rows, **info, targets=frontier_targets(table))
+    return save_results(Path(out_dir) / "query_side.json", rows, **info, targets=frontier_targets(table),
+                        cascades=json.loads(cascades.reset_index().to_json(orient="records")),
+                        cascade_target=cascade_target(cascades))
+

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_bert
 from recbook.model import BiEncoder
-from recbook.queryside import (StaticQueryEncoder, load_query_encoder, ndcg_ratio_interval, query_student,
+from recbook.queryside import (StaticQueryEncoder, cascade_target, load_query_encoder, ndcg_ratio_interval,
+                               query_encoder_cascades, query_student,
                                query_time_breakdown, save_query_encoder, static_from_teacher, token_vectors,
                                train_query_side)
 
@@ -143,9 +144,64 @@ def test_bench_writes_the_table_and_the_target(tmp_path, monkeypatch):
                           "retained_high": [1.0, 1.01, 0.9], "ms_p50": [10.0, 2.0, 0.5], "speedup": [1.0, 5.0, 20.0],
                           "documents by": ["the teacher, offline"] * 3},
                          index=pd.Index(["teacher", "asymmetric", "static"], name="query encoder"))
-    monkeypatch.setattr(queryside, "query_side_study", lambda quick, encoder, progress: (table, {"test_queries": 3}))
+    cascades = _cascades([("static: retrieval only", "static", "none", 0, 1.2, 400.0),
+                          ("static + int8 rerank k=5", "static", "int8", 5, 1.1, 60.0),
+                          ("brute force (fp32 rerank all)", "none", "fp32", 365, 1.0, 1.0)])
+    monkeypatch.setattr(queryside, "query_side_study", lambda quick, encoder, progress: (table, cascades, {"test_queries": 3}))
     payload = json.loads(queryside.bench(tmp_path, quick=True).read_text())
     assert [r["name"] for r in payload["results"]] == ["teacher", "asymmetric", "static"]
     assert payload["targets"] == {"min_retained": 0.97, "min_speedup": 10.0, "fastest_within_quality": "asymmetric",
                                   "speedup": 5.0, "retained": 0.98, "met": False}
+    assert [r["path"] for r in payload["cascades"]] == list(cascades.index)
+    assert payload["cascade_target"]["fastest_within_quality"] == "static + int8 rerank k=5"
+    assert payload["cascade_target"]["met"] and payload["cascades"][-1]["ms_p95"] is None  # NaN as JSON null
     assert payload["test_queries"] == 3 and "machine" in payload
+
+
+def _cascades(rows):
+    import pandas as pd
+    frame = pd.DataFrame(rows, columns=["path", "query encoder", "reranker", "depth", "retained", "speedup"]).set_index("path")
+    return frame.assign(**{"ndcg@10": frame["retained"] * 0.4, "retained_low": frame["retained"] - 0.05, "ms_p95": float("nan")})
+
+
+def test_cascade_target_is_the_fastest_reranking_path_within_quality():
+    rows = [("static: retrieval only", "static", "none", 0, 1.3, 900.0),  # fastest and best, but not a cascade
+            ("static + int8 rerank k=3", "static", "int8", 3, 0.95, 120.0),  # fast, but below 97%
+            ("static + int8 rerank k=5", "static", "int8", 5, 0.98, 45.0),
+            ("teacher + fp32 rerank k=5", "teacher", "fp32", 5, 1.0, 20.0),
+            ("brute force (fp32 rerank all)", "none", "fp32", 365, 1.0, 1.0)]
+    target = cascade_target(_cascades(rows))
+    assert target["fastest_within_quality"] == "static + int8 rerank k=5" and target["speedup"] == 45.0
+    assert not target["met"] and cascade_target(_cascades(rows), min_speedup=40)["met"]
+    assert cascade_target(_cascades(rows), min_retained=1.5) == {"min_retained": 1.5, "min_speedup": 50.0,
+                                                                 "fastest_within_quality": None, "met": False}
+
+
+@pytest.fixture(scope="module")
+def shop():
+    from recbook.data import build_search_task, clothing_interactions
+    return build_search_task(clothing_interactions())
+
+
+def test_cascade_reranking_everything_is_brute_force_and_each_depth_reranks_its_head(teacher, static, tokenizer, shop):
+    from recbook.model import CrossEncoderScorer
+    from recbook.metrics import ndcg_at_k
+    reranker = CrossEncoderScorer(tiny_bert(tokenizer, hidden=32, layers=1, seed=1), tokenizer, max_length=24).eval()
+    n = len(shop.items)
+    doc_emb = teacher.encode(shop.items["document"].tolist())
+    sizes = dict(cascade_queries=5, depths=(3, n), cascade_latency_queries=2, cascade_repeats=1, brute_repeats=1, bootstrap=50)
+    table, info = query_encoder_cascades({"teacher": teacher, "static": static}, reranker, shop, doc_emb, sizes, progress=False)
+    assert info["cascade_queries"] == 5 and info["catalogue"] == n
+    assert list(table.index) == [f"{e}{p}" for e in ("teacher", "static") for p in
+                                 (": retrieval only", " + fp32 rerank k=3", " + int8 rerank k=3", f" + fp32 rerank k={n}",
+                                  f" + int8 rerank k={n}")] + ["brute force (fp32 rerank all)"]
+    brute = table.loc["brute force (fp32 rerank all)"]
+    for e in ("teacher", "static"):  # reranking every item with the fp32 reranker is brute force, whatever retrieved
+        assert table.loc[f"{e} + fp32 rerank k={n}", "ndcg@10"] == pytest.approx(brute["ndcg@10"], abs=1e-6)
+    test_q = shop.split("test").sample(frac=1.0, random_state=0).head(5)
+    relevance = type(shop)(shop.items, {**shop.queries, "test": test_q}, shop.item_features).relevance("test")
+    queries = teacher.encode(test_q["query"].tolist(), max_length=teacher.query_max_length)
+    alone = ndcg_at_k(queries @ doc_emb.T, relevance).mean()  # retrieval only ranks by the query encoder's scores
+    assert table.loc["teacher: retrieval only", "ndcg@10"] == pytest.approx(float(alone), abs=1e-6)
+    cascade = table[table["depth"].between(1, n - 1)]
+    assert (cascade["predicted_ms"] > table.loc[[f"{e}: retrieval only" for e in cascade["query encoder"]], "ms_p50"].to_numpy()).all()
