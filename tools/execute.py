@@ -44,11 +44,21 @@ def stamp(path: Path) -> None:
     os.replace(tmp, path)
 
 
+def figures_missing(path: Path) -> list[str]:
+    "Ids of the code cells that call plt.show() but hold no image output."
+    nb = json.loads(path.read_text())
+    return [cell.get("id", "?") for cell in nb["cells"] if cell["cell_type"] == "code"
+            and "plt.show()" in "".join(cell["source"])
+            and not any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))]
+
+
 def main(paths: list[str]) -> int:
     if not paths:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}  # full size, not the teaching size
+    # full size, not the teaching size; and the kernel's own inline backend, so that figures land in the notebook
+    # (an MPLBACKEND=Agg set for tests would make every plt.show() draw nothing)
+    env = {k: v for k, v in os.environ.items() if k not in ("IN_TEST", "MPLBACKEND")}
     for name in paths:
         path = Path(name).resolve()
         if not path.is_file() or path.suffix != ".ipynb":
@@ -56,6 +66,10 @@ def main(paths: list[str]) -> int:
             return 2
         subprocess.run(["jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
                         "--ExecutePreprocessor.timeout=-1", path.name], cwd=path.parent, env=env, check=True)
+        missing = figures_missing(path)
+        if missing:
+            print(f"{path.name}: cells {missing} call plt.show() but show no figure; not stamped.", file=sys.stderr)
+            return 1
         stamp(path)
         subprocess.run(["nbdev_clean", "--fname", str(path)], cwd=ROOT, check=True)
     subprocess.run(["nbdev_export"], cwd=ROOT, check=True)
