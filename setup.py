@@ -20,6 +20,8 @@ gen_requirements = ["gguf", "accelerate"]
 # package: the build fetches it once from npm into a cache outside git (npm must be on PATH for that first build).
 # The automatic search of chapter 08b: Optuna (its RDB storage brings SQLAlchemy; SQLite needs nothing more).
 tune_requirements = ["optuna>=5,<6"]
+# Serving (chapter 10): the ASGI stack behind `recbook serve`, and the HTTP client of its load generator.
+serve_requirements = ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27"]
 docs_requirements = ["mkdocs-material", "mkdocs-jupyter", "mkdocstrings[python]"]
 
 setup(
@@ -44,8 +46,9 @@ setup(
     include_package_data=True,
     install_requires=requirements,
     extras_require={
-        "dev": dev_requirements + bench_requirements + tune_requirements,
+        "dev": dev_requirements + bench_requirements + tune_requirements + serve_requirements,
         "tune": tune_requirements,
+        "serve": serve_requirements,
         "bench": bench_requirements,
         "gen": gen_requirements,
         "docs": docs_requirements,

@@ -32,6 +32,7 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "recommendation-lowdata": "recbook.reclowdata",
     "scale": "recbook.scale",
     "autotune": "recbook.autotune",
+    "serve": "recbook.serve",
 }
 
 # %% ../nbs/99_cli.ipynb #fabd2143
@@ -178,6 +179,34 @@ def _recommend(args) -> int:
     print(top.to_string(index=False))
     return 0
 
+def _serve(args) -> int:
+    from recbook.serve import run_server
+    run_server(args.folder, host=args.host, port=args.port, workers=args.workers, max_batch=args.max_batch,
+               max_wait_ms=args.max_wait_ms, poll_s=args.poll_s)
+    return 0
+
+def _query_log(path: str) -> list[str]:
+    "The queries of a log file, one per line (blank lines skipped)."
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; a query log holds one query per line.") from None
+    queries = [line.strip() for line in lines if line.strip()]
+    if not queries:
+        raise ValueError(f"{path} holds no queries; write one query per line.")
+    return queries
+
+def _promote(args) -> int:
+    from recbook.serve import labelled_queries, promote
+    queries, relevant = (_query_log(args.queries), None) if args.queries else labelled_queries(args.folder)
+    print(json.dumps(promote(args.folder, args.version, queries, relevant, force=args.force), indent=2, default=float))
+    return 0
+
+def _rollback(args) -> int:
+    from recbook.serve import rollback
+    print(json.dumps(rollback(args.folder), indent=2))
+    return 0
+
 class _Parser(argparse.ArgumentParser):
     "argparse that reports a bad argument in one line, with where to read more."
     def error(self, message):
@@ -255,6 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--history", default=None, help="item ids separated by commas, oldest first, for any other user")
     recommend.add_argument("-k", type=_positive, default=10, help="how many items")
     recommend.set_defaults(run=_recommend)
+    serve = commands.add_parser("serve", help="serve a run folder of `recbook optimize` over HTTP (needs the serve extra)")
+    serve.add_argument("folder", help="the --out folder of `recbook optimize`; the service follows its models/CURRENT")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--workers", type=_positive, default=1, help="server processes, each with its own copy of the model")
+    serve.add_argument("--max-batch", type=_positive, default=32, help="queries answered in one micro-batch (1 = no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="the longest a query waits for batch-mates (ms)")
+    serve.add_argument("--poll-s", type=float, default=1.0, help="how often models/CURRENT is checked for a new version (s)")
+    serve.set_defaults(run=_serve)
+    promote = commands.add_parser("promote", help="make a version of a run folder live, after a shadow evaluation")
+    promote.add_argument("folder", help="the --out folder of `recbook optimize`")
+    promote.add_argument("version", help="the version to make live, e.g. v3 (see the folder's models/)")
+    promote.add_argument("--queries", default=None, help="a query log, one per line, to compare the versions on (default: "
+                         "the run's validation queries, with their labels)")
+    promote.add_argument("--force", action="store_true", help="promote even if the candidate ranks worse beyond noise")
+    promote.set_defaults(run=_promote)
+    rollback = commands.add_parser("rollback", help="make the previously live version of a run folder live again")
+    rollback.add_argument("folder", help="the --out folder of `recbook optimize`")
+    rollback.set_defaults(run=_rollback)
     bench = commands.add_parser("bench", help="re-run a chapter's experiment and write its JSON")
     bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which chapter's benchmark, or all in order")
     bench.add_argument("--encoder", default=None, help="Hugging Face encoder name or local folder (default: offline MiniLM)")

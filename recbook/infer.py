@@ -39,9 +39,10 @@ __all__ = ['PADDING_STRATEGIES', 'ENCODER_BACKENDS', 'RERANKER_SIZES', 'MAX_QUER
            'encode_catalogue', 'padding_batches', 'padding_waste', 'encode_with_padding', 'MicroBatcher', 'LRUCache',
            'runtime_study', 'export_fused_onnx', 'encoder_backend', 'SentenceTransformersPeer', 'hard_negatives',
            'random_negatives', 'listwise_loss', 'train_reranker', 'reranker_path', 'reranker_training_groups',
-           'ensure_reranker', 'check_query', 'SearchService', 'cascade_scores', 'sub_catalogue', 'cascade_study',
-           'fit_cost_model', 'predict_latency', 'index_latency_curve', 'encoding_study', 'padding_study',
-           'concurrency_study', 'zipf_query_log', 'cache_study', 'inference_study', 'inference_targets', 'bench']
+           'ensure_reranker', 'check_query', 'SearchService', 'cascade_scores', 'sub_catalogue', 'rerank_all',
+           'cascade_study', 'fit_cost_model', 'predict_latency', 'index_latency_curve', 'encoding_study',
+           'padding_study', 'concurrency_study', 'zipf_query_log', 'cache_study', 'inference_study',
+           'inference_targets', 'bench']
 
 # %% ../nbs/05_inference.ipynb #0537b8f0
 def _hash_value(h, value):
@@ -594,13 +595,17 @@ def sub_catalogue(task: SearchTask, n_items: int | None, seed: int = 0) -> Searc
     reviews = None if task.reviews is None else task.reviews[task.reviews["item_id"].isin(keep)].reset_index(drop=True)
     return SearchTask(items, queries, task.item_features, reviews)
 
+def rerank_all(reranker, queries: Sequence[str], documents: Sequence[str], progress: bool = True) -> torch.Tensor:
+    "[Q, N] cross-encoder scores of every (query, document) pair: brute-force reranking of the whole catalogue."
+    return torch.stack([reranker.score([check_query(q)] * len(documents), list(documents)).float().cpu()
+                        for q in tqdm(queries, disable=not progress, desc="rerank the whole catalogue")])
+
 def cascade_study(service: SearchService, task: SearchTask, sizes: dict, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     "NDCG@10 and per-query latency of retrieval only, the cascade at each depth, and brute-force reranking."
     test_q = task.split("test").sample(frac=1.0, random_state=0).head(sizes["eval_queries"])
     sub = SearchTask(task.items, {**task.queries, "test": test_q}, task.item_features)
     queries, docs, n = test_q["query"].tolist(), service.documents, len(service.documents)
-    full = torch.stack([torch.as_tensor(service.rerank(q, np.arange(n)))
-                        for q in tqdm(queries, disable=not progress, desc="rerank the whole catalogue")])
+    full = rerank_all(service.reranker, queries, docs, progress)
     depth_max = max(max(sizes["depths"]), 10)
     retrieved = service.retrieve(queries, min(depth_max, n))[1]
     timed = task.split("test").sample(frac=1.0, random_state=1)["query"].tolist()[:sizes["latency_queries"]]

@@ -26,14 +26,14 @@ from .data import SearchTask, build_search_task, clothing_interactions
 from .metrics import ndcg_at_k
 from .model import BiEncoder, STUDY_SIZES, _check_texts, _train_queries, ensure_teacher, mean_pool
 from .compress import distill_bi_encoder, drop_layers, evenly_spaced, quantize_int8
-from .infer import SearchService, cascade_scores, ensure_reranker
+from .infer import SearchService, cascade_scores, ensure_reranker, rerank_all
 
 # %% auto #0
 __all__ = ['QUERY_SIDE_SIZES', 'QUERY_SIDE_LR', 'CASCADE_SIZES', 'query_time_breakdown', 'query_student', 'train_query_side',
            'StaticQueryEncoder', 'token_vectors', 'text_tokens', 'static_from_teacher', 'save_query_encoder',
            'load_query_encoder', 'ndcg_ratio_interval', 'query_side_candidates', 'compare_query_encoders',
-           'frontier_targets', 'rerank_all', 'rerank_retrieved', 'query_encoder_cascades', 'cascade_target',
-           'query_side_study', 'bench']
+           'frontier_targets', 'rerank_retrieved', 'query_encoder_cascades', 'cascade_target', 'query_side_study',
+           'bench']
 
 # %% ../nbs/05b_query_side.ipynb #4cc0b166
 def _blocks(model) -> list[nn.Module]:
@@ -348,11 +348,6 @@ CASCADE_SIZES = {  # teaching size, full size
                  brute_repeats=3),
 }
 
-def rerank_all(reranker, queries: Sequence[str], documents: Sequence[str], progress: bool = True) -> torch.Tensor:
-    "[Q, N] cross-encoder scores of every (query, document) pair: brute-force reranking of the whole catalogue."
-    return torch.stack([reranker.score([q] * len(documents), list(documents)).float().cpu()
-                        for q in tqdm(queries, disable=not progress, desc="rerank the whole catalogue")])
-
 def rerank_retrieved(reranker, queries: Sequence[str], documents: Sequence[str], retrieved: np.ndarray) -> torch.Tensor:
     "[Q, N] the reranker's scores of each query's retrieved items (rows of positions, -1 = none); -inf elsewhere."
     out = torch.full((len(queries), len(documents)), float("-inf"))
@@ -397,8 +392,9 @@ def query_encoder_cascades(encoders: dict[str, nn.Module], reranker, task: Searc
                              "retained_low": low, "retained_high": high})
                 calls[name] = _searched(services[(e, r)], timed, depth)
     latency = measure_latencies(calls, warmup=3, repeats=sizes["cascade_repeats"] * len(timed))
-    whole = {r: (lambda rr=rr, q=iter(np.resize(np.asarray(timed, dtype=object), 10 ** 6)): rr.score([next(q)] * n, docs))
-             for r, rr in rerankers.items()}
+    every = np.arange(n)  # brute force: one query served alone, the whole catalogue reranked, as chapter 05 times it
+    whole = {r: (lambda s=services[(next(iter(encoders)), r)], q=iter(np.resize(np.asarray(timed, dtype=object), 10 ** 6)):
+                 s.rerank(next(q), every)) for r in rerankers}
     brute_ms = {r: s.p50_ms for r, s in measure_latencies(whole, warmup=1, repeats=sizes["brute_repeats"]).items()}
     alone = {e: latency[f"{e}: retrieval only"].p50_ms for e in encoders}
     for row in rows:

@@ -29,6 +29,9 @@ def test_a_stamped_chapter_holds_the_outputs_of_its_own_code(path):
     stale = stale_cells(nb)
     assert not stale, (f"{path.name}: cells {stale} changed after the chapter was executed on {run['executed']}; "
                        f"run python tools/execute.py {path.relative_to(ROOT)} and commit the result")
+    blank = execute.figures_missing(path)
+    assert not blank, (f"{path.name}: cells {blank} call plt.show() but hold no figure (executed with a non-inline "
+                       f"matplotlib backend); run python tools/execute.py {path.relative_to(ROOT)}")
 
 
 def test_the_check_sees_an_edited_cell_and_a_new_one(tmp_path):
@@ -44,6 +47,16 @@ def test_the_check_sees_an_edited_cell_and_a_new_one(tmp_path):
     stamped["cells"].append({"cell_type": "code", "id": "b2", "source": ["y = 3"], "metadata": {}, "outputs": []})
     assert stale_cells(stamped) == ["a1", "b2"]
     assert execute.source_hash(["x = 1\n", "print(x)"]) == execute.source_hash("x = 1\nprint(x)")
+
+
+def test_the_check_sees_a_figure_that_was_not_drawn(tmp_path):
+    drawn = {"output_type": "display_data", "data": {"image/png": "iVBORw0KGgo=", "text/plain": ["<Figure>"]}, "metadata": {}}
+    cells = [{"cell_type": "code", "id": i, "source": ["plt.plot([1, 2])\n", "plt.show()"], "metadata": {}, "outputs": o}
+             for i, o in (("drawn", [drawn]), ("blank", []))]
+    cells.append({"cell_type": "code", "id": "text", "source": ["print(1)"], "metadata": {}, "outputs": []})
+    path = tmp_path / "01_x.ipynb"
+    path.write_text(json.dumps({"metadata": {}, "cells": cells}))
+    assert execute.figures_missing(path) == ["blank"]
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "## Summary" in p.read_text()], ids=lambda p: p.stem)
