@@ -33,6 +33,8 @@ BENCHMARKS = {  # in reading order: `all` runs them in this order (compression n
     "scale": "recbook.scale",
     "autotune": "recbook.autotune",
     "serve": "recbook.serve",
+    "update": "recbook.update",
+    "catalogue": "recbook.catalogue",
 }
 
 # %% ../nbs/99_cli.ipynb #fabd2143
@@ -181,8 +183,24 @@ def _recommend(args) -> int:
 
 def _serve(args) -> int:
     from recbook.serve import run_server
+    monitors = None
+    if args.drift:
+        from recbook.catalogue import DriftMonitor
+        from recbook.serve import labelled_queries
+        monitors = {"drift": DriftMonitor(labelled_queries(args.folder)[0])}
     run_server(args.folder, host=args.host, port=args.port, workers=args.workers, max_batch=args.max_batch,
-               max_wait_ms=args.max_wait_ms, poll_s=args.poll_s)
+               max_wait_ms=args.max_wait_ms, poll_s=args.poll_s, monitors=monitors)
+    return 0
+
+def _catalogue(args) -> int:
+    from recbook.catalogue import update_catalogue
+    from recbook.tables import read_table
+    upsert = read_table(args.upsert, ids=["item_id"]) if args.upsert else None
+    remove = [i.strip() for i in args.remove.split(",") if i.strip()] if args.remove else []
+    if upsert is None and not remove:
+        raise ValueError("nothing to change: give --upsert FILE (rows with item_id, document and the catalogue's columns) "
+                         "and/or --remove ID,ID.")
+    print(json.dumps(update_catalogue(args.folder, upsert, remove, promote=not args.no_promote), indent=2))
     return 0
 
 def _query_log(path: str) -> list[str]:
@@ -197,13 +215,13 @@ def _query_log(path: str) -> list[str]:
     return queries
 
 def _promote(args) -> int:
-    from recbook.serve import labelled_queries, promote
+    from recbook.update import labelled_queries, promote
     queries, relevant = (_query_log(args.queries), None) if args.queries else labelled_queries(args.folder)
     print(json.dumps(promote(args.folder, args.version, queries, relevant, force=args.force), indent=2, default=float))
     return 0
 
 def _rollback(args) -> int:
-    from recbook.serve import rollback
+    from recbook.update import rollback
     print(json.dumps(rollback(args.folder), indent=2))
     return 0
 
@@ -292,7 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=_positive, default=32, help="queries answered in one micro-batch (1 = no batching)")
     serve.add_argument("--max-wait-ms", type=float, default=2.0, help="the longest a query waits for batch-mates (ms)")
     serve.add_argument("--poll-s", type=float, default=1.0, help="how often models/CURRENT is checked for a new version (s)")
+    serve.add_argument("--drift", action="store_true", help="watch the queries for drift against the run's validation "
+                       "queries and report it on /health (chapter 10b; needs --workers 1)")
     serve.set_defaults(run=_serve)
+    catalogue = commands.add_parser("catalogue", help="add, change or remove items of a run folder's live catalogue as a "
+                                    "new version (only new and changed documents are encoded)")
+    catalogue.add_argument("folder", help="the --out folder of `recbook optimize`")
+    catalogue.add_argument("--upsert", default=None, help="a table of items to add or change: item_id, document and the "
+                           "catalogue's other columns (any format `recbook optimize --data` reads)")
+    catalogue.add_argument("--remove", default=None, help="item ids to remove, separated by commas")
+    catalogue.add_argument("--no-promote", action="store_true", help="write the version but leave the live one live "
+                           "(promote it later with `recbook promote`)")
+    catalogue.set_defaults(run=_catalogue)
     promote = commands.add_parser("promote", help="make a version of a run folder live, after a shadow evaluation")
     promote.add_argument("folder", help="the --out folder of `recbook optimize`")
     promote.add_argument("version", help="the version to make live, e.g. v3 (see the folder's models/)")

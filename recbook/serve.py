@@ -5,8 +5,7 @@
 # %% auto #0
 __all__ = ['SERVE_INSTALL', 'MAX_K', 'MAX_BATCH_QUERIES', 'SERVE_SIZES', 'PAGE', 'Served', 'load_version', 'LiveModel',
            'two_versions', 'labelled_queries', 'Answerer', 'version_info', 'render_page', 'create_app', 'run_server',
-           'app_from_environment', 'free_port', 'serving', 'load_test', 'PromotionRefused', 'shadow_evaluate',
-           'history', 'promote', 'rollback', 'load_study', 'swap_under_load', 'serving_study', 'bench']
+           'app_from_environment', 'free_port', 'serving', 'load_test', 'load_study', 'serving_study', 'bench']
 
 # %% ../nbs/10_serve.ipynb #sv10c01
 import asyncio
@@ -28,16 +27,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
-import torch
-from filelock import FileLock
 
 import recbook
-from .core import atomic_write_text, measure_latencies
-from .metrics import ndcg_at_k
-from .infer import (MAX_QUERY_CHARS, MicroBatcher, SearchService, StaleCacheError, catalogue_fingerprint,
-                           check_query, model_fingerprint)
-from .queryside import ndcg_ratio_interval
-from .pipeline import _versions, current_export, load_optimized
+from .core import atomic_write_text
+from .infer import MAX_QUERY_CHARS, MicroBatcher, SearchService, StaleCacheError, catalogue_fingerprint, check_query, model_fingerprint
+from .pipeline import current_export, load_optimized
 
 # %% ../nbs/10_serve.ipynb #sv10c04
 SERVE_INSTALL = 'pip install "recbook[serve]"'
@@ -53,6 +47,7 @@ class Served:
     model_fingerprint: str
     catalogue_fingerprint: str
     loaded_at: float
+    positions: pd.Index  # item id -> row of the catalogue, hashed once per version
 
 def load_version(path: str | Path) -> Served:
     "Load one export (chapter 08's `load_optimized`), answer one query to warm it up, and fingerprint it."
@@ -61,7 +56,8 @@ def load_version(path: str | Path) -> Served:
     service.search("warm up", k=1)  # the first call pays for lazy set-up; no user should
     model = service.encoder
     return Served(path.name, path, service, model_fingerprint(model),
-                  catalogue_fingerprint(service.item_ids.tolist(), service.documents, model.doc_max_length), time.time())
+                  catalogue_fingerprint(service.item_ids.tolist(), service.documents, model.doc_max_length), time.time(),
+                  pd.Index(service.item_ids))
 
 # %% ../nbs/10_serve.ipynb #sv10c05
 class LiveModel:
@@ -144,10 +140,10 @@ def labelled_queries(folder: str | Path, split: str = "valid") -> tuple[list[str
             [{ids[j]: float(row[j]) for j in np.flatnonzero(row > 0)} for row in grades])
 
 # %% ../nbs/10_serve.ipynb #sv10c09
-def _rows(table: pd.DataFrame, service: SearchService) -> list[dict]:
+def _rows(table: pd.DataFrame, served: Served) -> list[dict]:
     "One JSON-ready dict per ranked item: rank, item id, the export's item columns, a text snippet, the scores."
-    positions = pd.Index(service.item_ids).get_indexer(table["item_id"])
-    snippets = [service.documents[p].lstrip(" .,;:|-")[:120] for p in positions]
+    documents = served.service.documents
+    snippets = [documents[p].lstrip(" .,;:|-")[:120] for p in served.positions.get_indexer(table["item_id"])]
     rows = []
     for rank, (record, snippet) in enumerate(zip(table.to_dict(orient="records"), snippets), 1):
         clean = {k: (None if isinstance(v, float) and np.isnan(v) else v.item() if isinstance(v, np.generic) else v)
@@ -159,9 +155,10 @@ class Answerer:
     """Every query of a server goes through one worker thread that groups concurrent queries into batches of up to
     `max_batch`, waiting at most `max_wait_ms` for batch-mates (chapter 05's `MicroBatcher`). `max_batch=1` serves
     them one at a time through the same thread. Answers do not depend on batch-mates: chapter 03's `encode` pads
-    each text as if alone."""
-    def __init__(self, live: LiveModel, max_batch: int = 32, max_wait_ms: float = 2.0):
-        self.live, self.requests = live, 0
+    each text as if alone. `monitors`: objects with `observe(served, queries, tables)`, called by the worker after
+    each batch, and `status() -> dict` for /health (chapter 10b's drift monitor is one)."""
+    def __init__(self, live: LiveModel, max_batch: int = 32, max_wait_ms: float = 2.0, monitors: dict | None = None):
+        self.live, self.requests, self._count, self.monitors = live, 0, threading.Lock(), dict(monitors or {})
         self.batcher = MicroBatcher(self._answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
         self.batcher.batch_sizes = deque(maxlen=10_000)  # a server runs for days: keep the recent batches only
 
@@ -171,8 +168,12 @@ class Answerer:
             groups[(id(served), k)].append(n)  # a batch is answered by the version each request started with
         for members in groups.values():
             served, _, k = asked[members[0]]
-            for n, table in zip(members, served.service.search_batch([asked[n][1] for n in members], k=k)):
+            texts = [asked[n][1] for n in members]
+            tables = served.service.search_batch(texts, k=k)
+            for n, table in zip(members, tables):
                 out[n] = table
+            for monitor in self.monitors.values():
+                monitor.observe(served, texts, tables)
         return out
 
     def ask(self, queries: Sequence[str], k: int = 10) -> tuple[Served, list[list[dict]]]:
@@ -182,8 +183,9 @@ class Answerer:
         texts = [check_query(q) for q in queries]
         served = self.live.served  # read once: the whole request uses this version
         futures = [self.batcher.submit((served, text, int(k))) for text in texts]
-        self.requests += len(texts)
-        return served, [_rows(f.result(), served.service) for f in futures]
+        with self._count:
+            self.requests += len(texts)
+        return served, [_rows(f.result(), served) for f in futures]
 
     def close(self):
         self.batcher.close()
@@ -231,9 +233,11 @@ def render_page(served: Served, query: str = "", k: int = 10, rows: Sequence[dic
                        model_fp=e(served.model_fingerprint[:12]), results=results)
 
 # %% ../nbs/10_serve.ipynb #sv10c13
-def create_app(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0, poll_s: float = 1.0):
+def create_app(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0, poll_s: float = 1.0,
+               monitors: dict | None = None):
     """The HTTP service over the current version of a `recbook optimize` run folder: GET /search, POST /search/batch,
-    /health, /version, the demo page at /, and the OpenAPI schema. It follows models/CURRENT, swapping versions whole."""
+    /health, /version, the demo page at /, and the OpenAPI schema. It follows models/CURRENT, swapping versions whole.
+    `monitors` (name -> monitor, see `Answerer`) report on /health; one that raises an alert makes it "degraded"."""
     _require_serving()
     from contextlib import asynccontextmanager
     from typing import Annotated
@@ -243,7 +247,7 @@ def create_app(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0
     from pydantic import BaseModel, Field, StringConstraints
 
     live = LiveModel(folder, poll_s)
-    answerer = Answerer(live, max_batch, max_wait_ms)
+    answerer = Answerer(live, max_batch, max_wait_ms, monitors)
     started = time.time()
 
     @asynccontextmanager
@@ -284,7 +288,9 @@ def create_app(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if live.reload_error is None else "degraded", "version": live.served.version,
+        checks = {name: monitor.status() for name, monitor in answerer.monitors.items()}
+        alert = live.reload_error is not None or any(check.get("alert") for check in checks.values())
+        return {"status": "degraded" if alert else "ok", "version": live.served.version, **checks,
                 "reload_error": live.reload_error, "swaps": live.swaps, "requests": answerer.requests,
                 "mean_batch": float(np.mean(answerer.batcher.batch_sizes)) if answerer.batcher.batch_sizes else None,
                 "uptime_s": round(time.time() - started, 3)}
@@ -307,10 +313,12 @@ def create_app(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0
 
 # %% ../nbs/10_serve.ipynb #sv10c14
 def run_server(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, max_batch: int = 32,
-               max_wait_ms: float = 2.0, poll_s: float = 1.0):
+               max_wait_ms: float = 2.0, poll_s: float = 1.0, monitors: dict | None = None):
     """Serve a run folder with uvicorn until interrupted. `workers` > 1 starts that many processes, each with its
     own copy of the model, all following models/CURRENT."""
     _require_serving()
+    if monitors and workers > 1:
+        raise ValueError("monitors need --workers 1: each worker process would see only its own share of the queries.")
     import uvicorn
     export = current_export(folder)
     if not (export / "search.json").is_file():
@@ -322,7 +330,7 @@ def run_server(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, wo
             raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another with --port.") from None
     settings = dict(host=host, port=port, log_level="warning")
     if workers == 1:
-        uvicorn.run(create_app(folder, max_batch, max_wait_ms, poll_s), **settings)
+        uvicorn.run(create_app(folder, max_batch, max_wait_ms, poll_s, monitors), **settings)
         return
     os.environ.update(RECBOOK_SERVE_FOLDER=str(folder), RECBOOK_SERVE_MAX_BATCH=str(max_batch),
                       RECBOOK_SERVE_MAX_WAIT_MS=str(max_wait_ms), RECBOOK_SERVE_POLL_S=str(poll_s))
@@ -349,20 +357,24 @@ def _check_loopback(url: str) -> str:
 
 @contextmanager
 def serving(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0, poll_s: float = 0.5,
-            timeout_s: float = 120.0, threads: int | None = None):
+            timeout_s: float = 120.0, threads: int | None = None, drift: bool = False):
     """`recbook serve FOLDER` in a process of its own on 127.0.0.1 and a free port; yields its base URL once /health
-    answers, and stops it (SIGTERM, then SIGKILL) on leaving. Its output goes to a log file beside nothing of the user's."""
+    answers, and stops it (SIGTERM, then SIGKILL) on leaving. Its messages go to a temporary file (a pipe that nobody
+    reads would fill and stall the server), shown if it fails to start."""
     import httpx
+    import tempfile
     port = free_port()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "recbook.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--poll-s", str(poll_s)]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--poll-s", str(poll_s), *(["--drift"] if drift else [])]
+    messages = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=messages, text=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"recbook serve stopped: {process.stderr.read().strip()[-500:]}")
+                messages.seek(0)
+                raise RuntimeError(f"recbook serve stopped: {messages.read().strip()[-500:]}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
@@ -378,6 +390,7 @@ def serving(folder: str | Path, max_batch: int = 32, max_wait_ms: float = 2.0, p
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill(); process.wait()
+        messages.close()
 
 # %% ../nbs/10_serve.ipynb #sv10c17
 def load_test(url: str, queries: Sequence[str], clients: int, per_client: int, k: int = 10,
@@ -427,113 +440,6 @@ def load_test(url: str, queries: Sequence[str], clients: int, per_client: int, k
             "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
             "versions": dict(Counter(v for _, v, _ in answers)), "answers": answers, "latencies_ms": latencies}
 
-# %% ../nbs/10_serve.ipynb #sv10c19
-class PromotionRefused(ValueError):
-    "The candidate ranks worse than the live version beyond noise; promote with force=True (--force) to override."
-
-def _models(folder: str | Path) -> Path:
-    models = Path(folder) / "models"
-    if not (models / "CURRENT").is_file():
-        raise ValueError(f"{folder} is not a run folder of `recbook optimize` (no models/CURRENT); versions live there.")
-    return models
-
-def _top_ids(served: Served, queries: Sequence[str], k: int = 10) -> list[list[str]]:
-    return [t["item_id"].astype(str).tolist() for t in served.service.search_batch(list(queries), k=k)]
-
-def _ndcg(served: Served, queries: Sequence[str], relevant: Sequence[dict], k: int = 10) -> torch.Tensor:
-    "Per-query NDCG@k of a version's answers; `relevant[i]` maps item id -> grade for query i."
-    catalogue = sorted({i for grades in relevant for i in grades} | {i for ids in _top_ids(served, queries, k) for i in ids})
-    column = {item: n for n, item in enumerate(catalogue)}
-    scores, grades = torch.full((len(queries), len(catalogue)), float("-inf")), torch.zeros(len(queries), len(catalogue))
-    for row, (ids, wanted) in enumerate(zip(_top_ids(served, queries, k), relevant)):
-        for rank, item in enumerate(ids):
-            scores[row, column[item]] = float(k - rank)
-        for item, grade in wanted.items():
-            grades[row, column[item]] = float(grade)
-    return ndcg_at_k(scores, grades, k)
-
-def shadow_evaluate(live: Served, candidate: Served, queries: Sequence[str], relevant: Sequence[dict] | None = None,
-                    repeats: int = 3, resamples: int = 2000) -> dict:
-    """Both versions answer the same queries (a replayed log, or labelled validation queries): the mean overlap of
-    their top 10, each one's latency served alone (interleaved), and with labels NDCG@10 with a paired-bootstrap
-    interval of candidate / live. A regression beyond noise is an interval wholly below 1."""
-    queries = [check_query(q) for q in queries]
-    if not queries:
-        raise ValueError("Shadow evaluation needs at least one query.")
-    ours, theirs = _top_ids(live, queries), _top_ids(candidate, queries)
-    overlap = float(np.mean([len(set(a) & set(b)) / max(len(a), 1) for a, b in zip(ours, theirs)]))
-    texts = iter(np.resize(np.asarray(queries, dtype=object), 10 ** 6))
-    latency = measure_latencies({v.version: (lambda v=v: v.service.search(next(texts), k=10)) for v in (live, candidate)},
-                                warmup=2, repeats=repeats * len(queries))
-    report = {"live": live.version, "candidate": candidate.version, "queries": len(queries), "overlap@10": overlap,
-              "live_ms_p50": latency[live.version].p50_ms, "candidate_ms_p50": latency[candidate.version].p50_ms}
-    if relevant is not None:
-        old, new = _ndcg(live, queries, relevant), _ndcg(candidate, queries, relevant)
-        low, high = ndcg_ratio_interval(new, old, resamples)
-        report.update({"live_ndcg@10": float(old.mean()), "candidate_ndcg@10": float(new.mean()),
-                       "ratio_low": low, "ratio_high": high})
-    report["regression"] = bool(relevant is not None and report["ratio_high"] < 1.0)
-    return report
-
-# %% ../nbs/10_serve.ipynb #sv10c20
-def history(folder: str | Path) -> list[str]:
-    "The versions that were live, oldest first, ending with the live one (models/HISTORY, kept by promote/rollback)."
-    models = _models(folder)
-    live = current_export(folder).name
-    path = models / "HISTORY"
-    seen = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
-    return seen if seen and seen[-1] == live else [*seen, live]  # `recbook optimize` may have published one since
-
-def _switch(folder: Path, version: str, stack: list[str]):
-    "Point models/CURRENT at `version`, then record the history: each in one rename, so a kill leaves a whole state."
-    models = _models(folder)
-    atomic_write_text(models / "CURRENT", version + "\n")
-    atomic_write_text(models / "HISTORY", "\n".join(stack) + "\n")
-
-def _publish_lock(folder: Path) -> FileLock:
-    "The lock `recbook optimize` holds while it publishes a version (chapter 08's publish_export)."
-    locks = folder / "stages" / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(locks / "publish.lock")
-
-def _version(folder: str | Path, version: str) -> Path:
-    names = [p.name for p in _versions(_models(folder))]
-    if version not in names:
-        raise ValueError(f"{folder} has no version {version!r}; it has {names}.")
-    return _models(folder) / version
-
-def promote(folder: str | Path, version: str, queries: Sequence[str] = (), relevant: Sequence[dict] | None = None,
-            force: bool = False, repeats: int = 3) -> dict:
-    """Make `version` the live one after a shadow evaluation against the live version on `queries`; refuses a
-    regression beyond noise (PromotionRefused) unless `force`. The switch is one rename of models/CURRENT."""
-    folder = Path(folder)
-    target = _version(folder, version)
-    with _publish_lock(folder):  # never beside a run that is publishing
-        stack = history(folder)
-        if stack[-1] == version:
-            return {"promoted": False, "live": version, "reason": f"{version} is live already"}
-        live, candidate = load_version(_models(folder) / stack[-1]), load_version(target)
-        report = shadow_evaluate(live, candidate, queries, relevant, repeats) if queries else {"regression": False}
-        if report["regression"] and not force:
-            raise PromotionRefused(f"{version} ranks worse than {live.version}: NDCG@10 ratio in [{report['ratio_low']:.3f}, "
-                                   f"{report['ratio_high']:.3f}] on {report['queries']} queries; pass --force to promote it anyway.")
-        _switch(folder, version, [*stack, version])
-    return {"promoted": True, "live": version, "previous": live.version, "shadow": report}
-
-def rollback(folder: str | Path) -> dict:
-    "Go back to the version that was live before this one (no evaluation: rolling back is the emergency exit)."
-    folder = Path(folder)
-    with _publish_lock(folder):
-        stack = history(folder)
-        if len(stack) < 2:
-            older = [p.name for p in _versions(_models(folder)) if int(p.name[1:]) < int(stack[-1][1:])]
-            if not older:
-                raise ValueError(f"{folder}: {stack[-1]} is the only version that was ever live; nothing to roll back to.")
-            stack = [older[-1], *stack]
-        load_version(_models(folder) / stack[-2])  # a damaged version is never made live
-        _switch(folder, stack[-2], stack[:-1])
-    return {"live": stack[-2], "previous": stack[-1]}
-
 # %% ../nbs/10_serve.ipynb #sv10c24
 def load_study(urls: dict[str, str], queries: Sequence[str], clients: Sequence[int], per_client: int,
                rounds: int = 2) -> pd.DataFrame:
@@ -557,76 +463,24 @@ def load_study(urls: dict[str, str], queries: Sequence[str], clients: Sequence[i
                      **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}})
     return pd.DataFrame(rows).set_index(["server", "clients"])
 
-# %% ../nbs/10_serve.ipynb #sv10c25
-def swap_under_load(url: str, folder: str | Path, version: str, queries: Sequence[str], clients: int, per_client: int,
-                    timeout_s: float = 120.0) -> dict:
-    """Rounds of `clients` concurrent clients while `version` is promoted (forced: the switch itself is under test),
-    until the server answers with it and one more round has finished. Every answer is checked against what its
-    version answers for that query alone: failures, answers that match neither, and the p99 during the swap."""
-    import httpx
-    folder, rounds, errors, stop = Path(folder), [], [], threading.Event()
-    def traffic():
-        try:
-            while not stop.is_set() and len(rounds) < 50:  # bounded, whatever happens to the switch
-                rounds.append(load_test(url, queries, clients, per_client))
-        except Exception as error:
-            errors.append(error)
-    def wait_for(condition):
-        while not condition():
-            if not sender.is_alive():
-                raise RuntimeError(f"the clients stopped after {len(rounds)} rounds: {errors[0] if errors else 'round limit'}")
-            time.sleep(0.02)
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    try:
-        wait_for(lambda: rounds)  # one round on the old version first
-        before = httpx.get(url + "/version", timeout=10).json()["version"]
-        promote(folder, version, force=True)
-        switched, deadline = time.perf_counter(), time.monotonic() + timeout_s
-        while httpx.get(url + "/health", timeout=10).json()["version"] != version:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not switch to {version} within {timeout_s} s.")
-            time.sleep(0.05)
-        seen_after, served_after = len(rounds), time.perf_counter() - switched
-        wait_for(lambda: len(rounds) >= seen_after + 2)  # the round in flight, and one wholly on the new version
-    finally:
-        stop.set()
-        sender.join()
-    expected = {v: dict(zip(queries, _top_ids(load_version(_models(folder) / v), queries))) for v in (before, version)}
-    answers = [a for r in rounds for a in r["answers"]]
-    mixed = sum(v not in expected or ids != expected[v][q] for q, v, ids in answers)
-    ms = np.concatenate([np.asarray(r["latencies_ms"]) for r in rounds])
-    return {"from": before, "to": version, "clients": clients, "rounds": len(rounds),
-            "requests": sum(r["requests"] for r in rounds), "answered": len(answers),
-            "failed": sum(r["failed"] for r in rounds), "mismatched": int(mixed),
-            "versions": dict(Counter(v for _, v, _ in answers)), "switch_seen_after_s": served_after,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
-
 # %% ../nbs/10_serve.ipynb #sv10c26
 def serving_study(quick: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Chapter 10's experiments on a run folder with two versions: the default choice served under load with
-    micro-batching on and off, a shadow evaluation of the other version on the validation queries, and a swap to it
-    under concurrent clients."""
+    """Chapter 10's experiment: the default choice of a run folder served under 1..N concurrent clients, with
+    micro-batching on and off (two servers, interleaved)."""
     from recbook.core import cache_dir, machine_info
     size = SERVE_SIZES["quick" if quick else "full"]
     out = Path(out) if out is not None else cache_dir() / f"serve-run-{'quick' if quick else 'full'}"
-    first, second = two_versions(out, quick, progress)
-    queries, relevant = labelled_queries(out)
-    shadow = shadow_evaluate(load_version(_models(out) / second), load_version(_models(out) / first), queries,
-                             relevant, size["shadow_repeats"])
+    other, default = two_versions(out, quick, progress)
+    queries = labelled_queries(out)[0]
     with serving(out, max_batch=32) as batched, serving(out, max_batch=1) as alone:
         table = load_study({"micro-batching": batched, "one at a time": alone}, queries, size["clients"],
                            size["per_client"], size["rounds"])
-    with serving(out, max_batch=32, poll_s=0.2) as url:
-        swap = swap_under_load(url, out, first, queries, size["swap_clients"], size["swap_per_client"])
-    _switch(out, second, [second])  # the default choice is live again
-    return {"table": table, "shadow": shadow, "swap": swap, "versions": {"default": second, "other": first},
-            "folder": str(out), "queries": len(queries), "machine": machine_info()}
+    return {"table": table, "version": default, "folder": str(out), "queries": len(queries), "machine": machine_info()}
 
 def bench(out_dir, quick: bool = False) -> Path:
-    "Write chapter 10's load table, shadow evaluation and swap under load as JSON (serve.json)."
+    "Write chapter 10's load table as JSON (serve.json)."
     import json
     study = serving_study(quick, progress=False)
     table = json.loads(study["table"].reset_index().to_json(orient="records"))
     return atomic_write_text(Path(out_dir) / "serve.json", json.dumps(
-        {"load": table, **{k: study[k] for k in ("shadow", "swap", "versions", "queries", "machine")}}, indent=2, default=float) + "\n")
+        {"load": table, **{k: study[k] for k in ("version", "queries", "machine")}}, indent=2, default=float) + "\n")

@@ -51,3 +51,32 @@ def own_table(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "mine.csv"
     table[["sku", "body", "headline", "stars", "category"]].to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory, tiny_encoder, own_table):
+    "A run folder with two versions (chapters 10, 10a): v1 the most accurate transformer, v2 the static query encoder."
+    from pathlib import Path
+    import recbook.pipeline as pipeline
+    from recbook.pipeline import load_config, optimize
+    from test_pipeline import fixed_latencies  # the choice must not depend on how busy the machine is
+    out = tmp_path_factory.mktemp("serve") / "run"
+    config = lambda **rule: load_config(encoder=tiny_encoder, data=str(own_table), item="sku", text="body", query="headline",
+                                        rating="stars", item_features=["category"], quick=True,
+                                        sizes={"train_queries": 48, "eval_queries": 30, "layers": [1], "repeats": 3}, **rule)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "query_latencies", fixed_latencies)
+        first = optimize(config(static=False, budget_ms=1e6), out, progress=False)
+        second = optimize(config(static=True, budget_ms=0.2), out, progress=False)  # only the static encoder is that fast
+    assert (Path(first["export"]).name, Path(second["export"]).name) == ("v1", "v2")
+    assert second["chosen"] == "static query encoder" != first["chosen"]
+    return out
+
+
+@pytest.fixture
+def served_folder(serve_run):
+    "The two-version run folder with v2 live and a fresh history, whatever the test before did."
+    from recbook.core import atomic_write_text
+    atomic_write_text(serve_run / "models" / "CURRENT", "v2\n")
+    atomic_write_text(serve_run / "models" / "HISTORY", "v2\n")
+    return serve_run
