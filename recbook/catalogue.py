@@ -236,8 +236,10 @@ def catalogue_study(quick: bool = False, out: str | Path | None = None, progress
     held = base.items["item_id"].sample(frac=size["held_out"], random_state=0).tolist()
     updates = {"remove a tenth": update_catalogue(out, remove=held),
                "add it back": update_catalogue(out, upsert=base.items[base.items["item_id"].isin(held)])}
-    returned = shadow_evaluate(load_version(models / default), load_version(models / updates["add it back"]["version"]),
-                               queries, relevant, repeats=1)
+    original, back = load_version(models / default), load_version(models / updates["add it back"]["version"])
+    returned = shadow_evaluate(original, back, queries, relevant, repeats=1)
+    rows = back.positions.get_indexer(original.service.item_ids)
+    returned["max_abs_embedding_change"] = float((back.service.embeddings[rows] - original.service.embeddings).abs().max())
     edited = base.items.sample(n=size["changed"], random_state=1)
     updates["change documents"] = update_catalogue(out, upsert=edited.assign(document=edited["document"] + " Limited edition."),
                                                    promote=False)

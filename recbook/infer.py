@@ -524,8 +524,12 @@ class SearchService:
         return torch.stack([found[t] for t in texts])
 
     def retrieve(self, queries: Sequence[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
-        "(retrieval scores, item positions) of the `depth` nearest items of each query."
-        return self.index.search(self.embed_queries(queries), depth)
+        """(retrieval scores, item positions) of the `depth` nearest items of each query. Each query is searched on its
+        own: a matrix product over a batch may round a score in the last bit differently than over one row, and that
+        is enough to reorder two items that nearly tie, so a query's answer would depend on its batch-mates."""
+        embeddings = self.embed_queries(queries)
+        found = [self.index.search(embeddings[i:i + 1], depth) for i in range(len(embeddings))]
+        return np.concatenate([scores for scores, _ in found]), np.concatenate([ids for _, ids in found])
 
     def rerank(self, query: str, positions: np.ndarray) -> np.ndarray:
         "Cross-encoder scores of (query, document) for the given item positions."

@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from .core import atomic_write_text, measure_latencies
 from .metrics import ndcg_at_k
-from .infer import check_query
+from .infer import LRUCache, check_query
 from .queryside import ndcg_ratio_interval
 from .pipeline import _versions, current_export
 from .serve import SERVE_SIZES, Served, labelled_queries, load_test, load_version, serving, two_versions
@@ -59,8 +59,15 @@ def shadow_evaluate(live: Served, candidate: Served, queries: Sequence[str], rel
     ours, theirs = _top_ids(live, queries), _top_ids(candidate, queries)
     overlap = float(np.mean([len(set(a) & set(b)) / max(len(a), 1) for a, b in zip(ours, theirs)]))
     texts = iter(np.resize(np.asarray(queries, dtype=object), 10 ** 6))
-    latency = measure_latencies({v.version: (lambda v=v: v.service.search(next(texts), k=10)) for v in (live, candidate)},
-                                warmup=2, repeats=repeats * len(queries))
+    caches = {v.version: v.service.query_cache for v in (live, candidate)}
+    try:  # time the whole path: the answers above filled each query cache
+        for v in (live, candidate):
+            v.service.query_cache = LRUCache(0)
+        latency = measure_latencies({v.version: (lambda v=v: v.service.search(next(texts), k=10)) for v in (live, candidate)},
+                                    warmup=2, repeats=repeats * len(queries))
+    finally:
+        for v in (live, candidate):
+            v.service.query_cache = caches[v.version]
     report = {"live": live.version, "candidate": candidate.version, "queries": len(queries), "overlap@10": overlap,
               "live_ms_p50": latency[live.version].p50_ms, "candidate_ms_p50": latency[candidate.version].p50_ms}
     if relevant is not None:

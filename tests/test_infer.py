@@ -326,3 +326,26 @@ def test_zipf_log_and_sub_catalogue():
     assert len(small.items) == 2 and set(small.split("test")["item_id"]) <= set(small.items["item_id"])
     assert small.relevance("test").shape == (len(small.split("test")), 2)
     assert sub_catalogue(task, None) is task
+
+
+def test_a_query_is_retrieved_the_same_alone_or_in_any_batch():
+    """Near-ties that a batched matrix product can reorder in its last bit: items come in pairs 1e-7 apart, and the
+    service must give every query the ranking it gets alone, whatever batch it arrives in."""
+    import pandas as pd
+    from recbook.infer import SearchService
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(200, 64, generator=g), dim=-1)
+    items = torch.cat([base, base + 1e-7 * torch.randn(200, 64, generator=g)])
+    vectors = {f"q{i}": v for i, v in enumerate(torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=-1))}
+
+    class Fixed:  # an encoder that knows its queries' vectors
+        query_max_length = 8
+        def encode(self, texts, max_length=None):
+            return torch.stack([vectors[t] for t in texts])
+    catalogue = pd.DataFrame({"item_id": [str(i) for i in range(len(items))], "document": ["d"] * len(items)})
+    service = SearchService(Fixed(), catalogue, index="exact", embeddings=items, query_cache_size=0)
+    queries = list(vectors)
+    together = service.retrieve(queries, 10)[1]
+    for size in (1, 7, 32):
+        apart = np.concatenate([service.retrieve(queries[i:i + size], 10)[1] for i in range(0, len(queries), size)])
+        np.testing.assert_array_equal(apart, together)
