@@ -39,8 +39,8 @@ def test_promotion_refuses_a_regression_beyond_noise_unless_forced(served_folder
     assert current_export(served_folder).name == "v2"
     assert promote(served_folder, "v1", queries, relevant, force=True, repeats=1)["live"] == "v1"
     assert promote(served_folder, "v1")["promoted"] is False  # live already
-    with pytest.raises(ValueError, match="no version 'v9'"):
-        promote(served_folder, "v9")
+    with pytest.raises(ValueError, match="no version 'v999'"):
+        promote(served_folder, "v999")
     assert rollback(served_folder) == {"live": "v2", "previous": "v1"} and history(served_folder) == ["v2"]
     assert rollback(served_folder)["live"] == "v1"  # no older entry: the version below the live one
     with pytest.raises(ValueError, match="nothing to roll back"):
@@ -70,7 +70,7 @@ def test_cli_errors_are_one_line_and_promote_takes_a_query_log(served_folder, tm
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0)); taken.listen()
         cases = {("serve", tmp_path): "holds no export", ("serve", served_folder, "--port", taken.getsockname()[1]): "cannot listen",
-                 ("promote", served_folder, "v9"): "no version 'v9'", ("rollback", tmp_path): "not a run folder",
+                 ("promote", served_folder, "v999"): "no version 'v999'", ("rollback", tmp_path): "not a run folder",
                  ("promote", served_folder, "v1", "--queries", tmp_path / "none.txt"): "No such file"}
         for args, message in cases.items():
             done = recbook(*args)
