@@ -88,3 +88,36 @@ def test_the_search_page_shows_results_in_headless_chromium(served_folder):
         done = chromium("--dump-dom", f"{url}/?q=summer+dress&k=4")
     assert done.returncode == 0, done.stderr[-500:]
     assert 'id="results"' in done.stdout and done.stdout.count("<tr>") == 5  # a header and four items
+
+
+def test_two_worker_processes_serve_and_both_follow_a_promotion(served_folder):
+    import subprocess
+    import sys
+    import time
+    from recbook.serve import free_port
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "recbook.cli", "serve", str(served_folder), "--port", str(port),
+                                "--workers", "2", "--poll-s", "0.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the two workers did not start"
+            time.sleep(0.2)
+        assert {httpx.get(url + "/version").json()["version"] for _ in range(10)} == {"v2"}
+        atomic_write_text(served_folder / "models" / "CURRENT", "v1\n")
+        deadline, streak = time.monotonic() + 60, 0
+        while streak < 20:  # twenty answers in a row from v1: every worker has switched
+            streak = streak + 1 if httpx.get(url + "/version").json()["version"] == "v1" else 0
+            assert time.monotonic() < deadline, "not every worker followed models/CURRENT"
+        assert httpx.get(url + "/search", params={"q": "dress", "k": 2}).json()["version"] == "v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill(); process.wait()
