@@ -147,16 +147,18 @@ class DriftMonitor:
         emb = F.normalize(service.embed_queries(self.reference).float(), dim=-1)
         centroid = F.normalize(emb.mean(0), dim=0)
         best = service.index.search(emb, 1)[0][:, 0]
-        unknown, tokens = self._tokens(model, self.reference)
+        counts = self._tokens(model, self.reference)
+        unknown, tokens = sum(u for u, _ in counts), sum(n for _, n in counts)
         cos = emb @ centroid
         return {"centroid": centroid, "cos_mean": float(cos.mean()), "cos_sd": float(cos.std()) + 1e-6,
                 "weak_below": float(np.percentile(np.asarray(best), 5)), "unknown_rate": unknown / max(tokens, 1)}
 
     @staticmethod
-    def _tokens(model, queries: Sequence[str]) -> tuple[int, int]:
+    def _tokens(model, queries: Sequence[str]) -> list[tuple[int, int]]:
+        "(unknown tokens, tokens) of each query, from one call of the tokenizer."
         tokenizer = model.tokenizer
         ids = tokenizer(list(queries), add_special_tokens=False)["input_ids"]
-        return sum(t == tokenizer.unk_token_id for row in ids for t in row), sum(len(row) for row in ids)
+        return [(sum(t == tokenizer.unk_token_id for t in row), len(row)) for row in ids]
 
     def observe(self, served: Served, queries: Sequence[str], tables: Sequence[pd.DataFrame]):
         if served.version != self.version:
@@ -166,8 +168,7 @@ class DriftMonitor:
                 self.recent.clear()
         emb = F.normalize(served.service.embed_queries(queries).float(), dim=-1)  # cached by the search just done
         seen = []
-        for query, vector, table in zip(queries, emb, tables):
-            unknown, tokens = self._tokens(served.service.encoder, [query])
+        for (unknown, tokens), vector, table in zip(self._tokens(served.service.encoder, queries), emb, tables):
             best = float(table["retrieval_score"].max()) if len(table) else -math.inf
             seen.append((float(vector @ self.base["centroid"]), unknown, tokens, best < self.base["weak_below"]))
         with self._lock:
